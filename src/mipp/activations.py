@@ -1,0 +1,179 @@
+"""Capture the activation of every prunable unit on a calibration set, in one forward pass.
+
+A unit's activation is what the next layer reads: forward pre-hooks on each group's readers take their input
+(after batch norm and nonlinearity). A conv channel is pooled to its spatial mean, or to a small grid (`pool=2`
+gives 2x2 = 4 features per channel). When a group is read at several points (a residual stream is read by every
+block), the unit's features from each point are concatenated: removing the unit removes all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mipp.units import UnitGraph
+
+OUTPUT = "output:"  # prefix of target sources that are the network's own outputs
+
+
+@dataclass
+class Activations:
+    """Per group: (n_samples, n_units, features_per_unit); per output module: (n_samples, features)."""
+
+    units: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+    @property
+    def n_samples(self) -> int:
+        return next(iter(self.units.values())).shape[0]
+
+
+def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int = 0):
+    """Yield input batches totalling at most n_samples from a tensor, a (inputs, labels) pair, a Dataset or a loader."""
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        data = data[0]
+    if isinstance(data, torch.Tensor):
+        for start in range(0, min(n_samples, len(data)), batch_size):
+            yield data[start:min(start + batch_size, n_samples)]
+        return
+    if isinstance(data, torch.utils.data.DataLoader):
+        taken = 0
+        for batch in data:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            yield inputs[: n_samples - taken]
+            taken += len(inputs)
+            if taken >= n_samples:
+                return
+        return
+    if isinstance(data, torch.utils.data.Dataset):
+        images = getattr(data, "images", None)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(data), generator=generator)[:n_samples]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if images is not None:
+                yield images[idx]
+            else:
+                yield torch.stack([data[int(i)][0] for i in idx])
+        return
+    raise TypeError(
+        f"calibration data of type {type(data).__name__} is not supported: pass a tensor of inputs, an "
+        "(inputs, labels) pair, a torch Dataset or a DataLoader"
+    )
+
+
+def _pool(x: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, C, f): spatial mean (pool None) or an adaptive pool x pool grid."""
+    if x.dim() == 2:
+        return x.unsqueeze(-1)
+    if pool is None:
+        return x.flatten(2).mean(-1, keepdim=True)
+    return F.adaptive_avg_pool2d(x, pool).flatten(2) if x.dim() == 4 else x.flatten(2).mean(-1, keepdim=True)
+
+
+def _unit_features(x: torch.Tensor, index: torch.Tensor, unit: torch.Tensor, n_units: int, pool) -> torch.Tensor:
+    """Features of each unit read by one reader: (N, n_units, f). Linear readers after a flatten average the
+    several input features that belong to one unit (the spatial positions of a channel)."""
+    pooled = _pool(x.detach().float(), pool)[:, index]  # (N, k, f)
+    counts = torch.bincount(unit, minlength=n_units).clamp_min(1).to(pooled.dtype)
+    summed = torch.zeros(pooled.shape[0], n_units, pooled.shape[2], dtype=pooled.dtype, device=pooled.device)
+    summed.index_add_(1, unit.to(pooled.device), pooled)
+    return summed / counts.view(1, -1, 1)
+
+
+def reading_points(model: nn.Module, units: UnitGraph, example_input: torch.Tensor) -> dict[str, list]:
+    """Per group, the (reader, coupling) pairs that read distinct tensors (readers of one tensor count once)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for group in units.groups:
+        for coupling in group.coupled("in"):
+            module = model.get_submodule(coupling.module_name)
+            def remember(m, inputs, name=coupling.module_name):
+                seen.setdefault(name, inputs[0])  # returns None: the input is left alone
+
+            handles.append(module.register_forward_pre_hook(remember))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    points = {}
+    for group in units.groups:
+        distinct, tensors = [], []
+        for coupling in group.coupled("in"):
+            tensor = seen.get(coupling.module_name)
+            if tensor is None or any(tensor is t for t in tensors):
+                continue
+            tensors.append(tensor)
+            distinct.append(coupling)
+        points[group.key] = distinct
+    return points
+
+
+def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, pool: int | None = None,
+            batch_size: int = 256, seed: int = 0, device: str | torch.device | None = None) -> Activations:
+    """Run the calibration data through `model` (eval mode) and collect every unit's activations."""
+    device = torch.device(device or next(model.parameters()).device)
+    points = None
+    collected: dict[str, list[torch.Tensor]] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in calibration_batches(data, n_samples, batch_size, seed):
+            batch = batch.to(device)
+            if points is None:
+                points = reading_points(model, units, batch[:2])
+                handles = _register(model, units, points, pool, collected, outputs)
+            with torch.no_grad():
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if points is None:
+        raise ValueError("the calibration data is empty: pass at least a few hundred samples")
+    acts = Activations(
+        {key: torch.cat([torch.cat(parts, 2) for parts in _by_batch(v, len(points[key]))], 0)
+         for key, v in collected.items()},
+        {name: torch.cat(v, 0) for name, v in outputs.items()},
+    )
+    _check_finite(acts)
+    return acts
+
+
+def _register(model, units, points, pool, collected, outputs):
+    handles = []
+    for group in units.groups:
+        collected[group.key] = []
+        for coupling in points[group.key]:
+            module = model.get_submodule(coupling.module_name)
+
+            def hook(m, inputs, c=coupling, g=group):
+                collected[g.key].append(_unit_features(inputs[0], c.index, c.unit, g.size, pool).cpu())
+
+            handles.append(module.register_forward_pre_hook(hook))
+    for name in units.output_modules:
+        def out_hook(m, inputs, output, name=name):
+            outputs.setdefault(name, []).append(_pool(output.detach().float(), None).flatten(1).cpu())
+
+        handles.append(model.get_submodule(name).register_forward_hook(out_hook))
+    return handles
+
+
+def _by_batch(parts: list[torch.Tensor], per_batch: int):
+    """Hooks append one tensor per reading point per batch; regroup them batch by batch."""
+    return [parts[i:i + per_batch] for i in range(0, len(parts), per_batch)]
+
+
+def _check_finite(acts: Activations) -> None:
+    for key, value in {**acts.units, **acts.outputs}.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(
+                f"activations of {key!r} contain NaN or infinity: check the model's weights and the input "
+                "normalisation (a diverged checkpoint or unnormalised data usually causes this)"
+            )

@@ -1,0 +1,72 @@
+"""Apply a Plan: physical removal of units, and the masked equivalent used to check it.
+
+Removal goes through torch-pruning, which slices every coupled tensor (weights, biases, batch-norm statistics, the
+readers' input channels, residual partners). Masking zeroes the readers' input weights of removed units: the
+masked model computes exactly what the pruned one does, which is how tests check surgery.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mipp.plan import Plan
+from mipp.units import UnitGraph, build_dependency_graph, find_units
+
+
+def plan_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | None) -> torch.Tensor:
+    if example_input is not None:
+        return example_input
+    if plan.example_shape:
+        return torch.zeros(*plan.example_shape)
+    from mipp.units import example_input_for
+
+    return example_input_for(model, None)
+
+
+def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Make `model` physically smaller according to `plan` (in place); returns the model."""
+    example_input = plan_input(model, plan, example_input)
+    units = find_units(model, example_input)
+    check_plan_matches(plan, units)
+    graph = build_dependency_graph(model, example_input)
+    for key in plan.kept:
+        removed = plan.removed(key)
+        if not removed:
+            continue
+        root = model.get_submodule(key)
+        prune_out = graph.get_pruner_of_module(root).prune_out_channels
+        graph.get_pruning_group(root, prune_out, removed).prune()
+    return model
+
+
+def mask_model(model: nn.Module, plan: Plan, units: UnitGraph | None = None,
+               example_input: torch.Tensor | None = None) -> nn.Module:
+    """Zero what the readers take from removed units (in place), so `model` computes what the pruned model does."""
+    units = units or find_units(model, plan_input(model, plan, example_input))
+    check_plan_matches(plan, units)
+    with torch.no_grad():
+        for key in plan.kept:
+            removed = torch.tensor(plan.removed(key), dtype=torch.long)
+            if removed.numel() == 0:
+                continue
+            for coupling in units[key].coupled("in"):
+                module = model.get_submodule(coupling.module_name)
+                columns = coupling.index[torch.isin(coupling.unit, removed)]
+                module.weight[:, columns] = 0
+    return model
+
+
+def check_plan_matches(plan: Plan, units: UnitGraph) -> None:
+    """The plan must name this model's groups with their sizes; otherwise it was made for another model."""
+    sizes = {g.key: g.size for g in units.groups}
+    for key, size in plan.sizes.items():
+        if key not in sizes:
+            raise ValueError(
+                f"plan refers to group {key!r}, which this model does not have: apply a plan to the architecture "
+                f"it was made for (this model's groups: {sorted(sizes)})"
+            )
+        if sizes[key] != size:
+            raise ValueError(
+                f"plan says group {key!r} has {size} units but this model's has {sizes[key]}: was the model "
+                "already pruned, or built with another width?"
+            )
