@@ -20,10 +20,16 @@ def small_model(name: str, seed: int = 0) -> torch.nn.Module:
     return build_model(name, **SMALL_MODELS[name]).eval()
 
 
-def inputs_for(model: torch.nn.Module, n: int, seed: int = 0) -> torch.Tensor:
+def inputs_for(model: torch.nn.Module, n: int, seed: int = 0, rank: int | None = None) -> torch.Tensor:
+    """Gaussian inputs of the model's shape; with `rank`, they lie in a random rank-`rank` subspace (like images,
+    real inputs are far from full rank, which is what makes units redundant)."""
     cfg = model.mipp_config
+    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=generator)
+    if rank is None:
+        return torch.randn(n, *shape, generator=generator)
+    basis = torch.randn(rank, shape[0] * shape[1] * shape[2], generator=generator)
+    return (torch.randn(n, rank, generator=generator) @ basis).reshape(n, *shape) / rank ** 0.5
 
 
 @pytest.fixture(params=sorted(SMALL_MODELS))

@@ -3,15 +3,15 @@
 Groups are visited from the output back to the input. Within a group, units are tested least-informative first
 (MI ordering) and removed at once when redundant, so each test is conditioned on the units still kept (TERC).
 Two stopping rules: confidence mode (the paper's knob x: keep a unit when its transfer entropy is significant with
-confidence x) and budget mode (one global threshold in nats, found by bisection to remove a target fraction of
-units, parameters or MACs). No group ever falls below its minimum width.
+confidence x) and budget mode (one global share of each layer's information that may be lost, found by bisection
+to remove a target fraction of units, parameters or MACs; see InformationShareRule). No group ever falls below its
+minimum width.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -29,7 +29,7 @@ class MIPPSettings:
     estimator_options: dict = field(default_factory=dict)
     confidence: float = 0.95  # the paper's x, in (0.5, 1)
     pool: int | None = None  # None: spatial mean per channel; k: k x k grid features per channel
-    max_bisection_steps: int = 40
+    max_bisection_steps: int = 30
 
     def __post_init__(self):
         if not 0.5 <= self.confidence < 1.0:
@@ -58,14 +58,49 @@ def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], p
     return torch.cat(parts, 1)
 
 
-def sweep(ctx: PruneContext, acts: Activations, estimator, keep: Callable[[TestResult], bool],
-          confidence: float) -> SweepResult:
-    """One output-to-input pass over every group; `keep` decides from a unit's transfer-entropy test."""
+class ConfidenceRule:
+    """The paper's rule: keep a unit when its transfer entropy is significant at the session's confidence."""
+
+    def start(self, estimator, units: torch.Tensor, target: torch.Tensor) -> None:
+        pass
+
+    def keep(self, result: TestResult) -> bool:
+        return result.significant
+
+
+class InformationShareRule:
+    """Budget rule: a layer may lose at most `share` of its mutual information with its target.
+
+    Removing unit i loses exactly its transfer entropy (chain rule: I(X_S;Y) - I(X_S\\i;Y) = I(X_i;Y|X_S\\i)), so
+    the sweep removes a unit while the lost information, summed, stays within share * I(X_layer;Y). An absolute
+    threshold on each unit's transfer entropy would cascade: every removal lowers the others' transfer entropies,
+    and in layers of many similar units one threshold then removes almost nothing or almost everything.
+    """
+
+    def __init__(self, share: float):
+        self.share = share
+
+    def start(self, estimator, units: torch.Tensor, target: torch.Tensor) -> None:
+        layer_mi = max(0.0, float(estimator.cmi(units.flatten(1), target)))
+        self.allowance, self.spent = self.share * layer_mi, 0.0
+
+    def keep(self, result: TestResult) -> bool:
+        loss = max(0.0, float(result.estimate))
+        if self.spent + loss <= self.allowance:
+            self.spent += loss
+            return False
+        return True
+
+
+def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: float) -> SweepResult:
+    """One output-to-input pass over every group; `rule` decides from each unit's transfer-entropy test."""
     producer_of = ctx.units.producer_group()
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
     decisions = {}
     for group in ctx.units.groups:  # already ordered from the output to the input
-        session = estimator.session(acts.units[group.key], target_of(group, acts, kept, producer_of), confidence)
+        units, target = acts.units[group.key], target_of(group, acts, kept, producer_of)
+        session = estimator.session(units, target, confidence)
+        rule.start(estimator, units, target)
         unit_mi = session.unit_mi()
         order = torch.argsort(unit_mi, stable=True).tolist()
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
@@ -76,7 +111,7 @@ def sweep(ctx: PruneContext, acts: Activations, estimator, keep: Callable[[TestR
             result = session.transfer_entropy(unit)
             record = records[unit]
             record.rank, record.score, record.p_value = rank, float(result.estimate), float(result.p_value)
-            if not keep(result):
+            if not rule.keep(result):
                 session.remove(unit)
                 record.kept = False
         kept[group.key] = sorted(session.kept)
@@ -94,29 +129,29 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
                        seed=ctx.seed, device=ctx.device)
     capture_seconds = time.perf_counter() - started
     _check_samples(acts, settings)
-    estimator = get_estimator(settings.estimator, seed=ctx.seed, **settings.estimator_options)
+    estimator = _estimator(settings, ctx.seed)
     record = {"estimator": settings.estimator, "estimator_options": settings.estimator_options,
               "pool": settings.pool, "n_samples": acts.n_samples, "min_units": ctx.min_units}
     if budget is None:
-        result = sweep(ctx, acts, estimator, lambda r: r.significant, settings.confidence)
+        result = sweep(ctx, acts, estimator, ConfidenceRule(), settings.confidence)
         record["confidence"] = settings.confidence
         extra = {}
     else:
         ctx.check_reachable(budget)
         result, threshold, steps = _bisect_threshold(ctx, acts, estimator, budget, settings)
         record["budget"] = {"fraction": budget.fraction, "metric": budget.metric}
-        extra = {"threshold_nats": threshold, "bisection_steps": steps}
+        extra = {"information_share": threshold, "bisection_steps": steps}
     stats = {"capture_seconds": capture_seconds, "selection_seconds": time.perf_counter() - started, **extra}
     return finish_plan(ctx, result.kept, "mipp", record, result.decisions, stats)
 
 
 def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettings):
-    """Find the transfer-entropy threshold (nats) whose sweep removes the budget's fraction."""
-    def run(threshold):
-        result = sweep(ctx, acts, estimator, lambda r: r.estimate > threshold, settings.confidence)
+    """Find the information share whose sweep removes the budget's fraction (bisection on its logarithm)."""
+    def run(share):
+        result = sweep(ctx, acts, estimator, InformationShareRule(share), settings.confidence)
         return result, ctx.cost.fractions_removed(result.kept)[budget.metric]
 
-    low, high = math.log(1e-9), math.log(50.0)  # log-threshold bracket: almost nothing .. almost everything
+    low, high = math.log(1e-7), 0.0  # share of each layer's information that may be lost: ~nothing .. all
     best = None
     for step in range(1, settings.max_bisection_steps + 1):
         middle = (low + high) / 2
@@ -124,10 +159,23 @@ def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettin
         gap = removed - budget.fraction
         if best is None or abs(gap) < abs(best[2]):
             best = (result, math.exp(middle), gap)
-        if abs(gap) <= budget.tolerance:
+        if abs(gap) <= budget.tolerance or high - low < 1e-4:  # on target, or the share is pinned down
             break
         low, high = (middle, high) if gap < 0 else (low, middle)
     return best[0], best[1], step
+
+
+def _estimator(settings: MIPPSettings, seed: int):
+    """Build the estimator; the run's seed goes to those that draw random numbers (permutations, MLP inits)."""
+    import inspect
+
+    from mipp.mi import _CLASSES
+
+    options = dict(settings.estimator_options)
+    accepts = inspect.signature(_CLASSES.get(settings.estimator, object).__init__).parameters
+    if "seed" in accepts:
+        options.setdefault("seed", seed)
+    return get_estimator(settings.estimator, **options)
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
