@@ -1,0 +1,145 @@
+"""`mipp prune` and `mipp demo`: the pruning subcommands of the command line (plumbing lives in mipp.cli)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from mipp.cli import _add_data_arguments, _check_model_fits_data, _data_call, _parse_data_options, add_command
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1), e.g. 0.5")
+    return value
+
+
+def add_prune_parser(subparsers) -> argparse.ArgumentParser:
+    from mipp.methods import BUDGET_METRICS
+
+    parser = add_command(subparsers, "prune", prune_command, render=render_prune,
+                         help="prune a saved model; writes the pruned model, its Plan and a per-layer summary")
+    parser.add_argument("--checkpoint", required=True, help="model file written by `mipp train` (OUT/model.pt)")
+    _add_data_arguments(parser)
+    parser.add_argument("--method", default="mipp", help="pruning method (default mipp; see `mipp methods`)")
+    parser.add_argument("--budget", type=_fraction, default=None,
+                        help="fraction to remove, e.g. 0.7; without it MIPP decides by --confidence")
+    parser.add_argument("--metric", choices=BUDGET_METRICS, default="units", help="what --budget counts")
+    parser.add_argument("--confidence", type=float, default=0.95, help="MIPP's significance level x (default 0.95)")
+    parser.add_argument("--estimator", default="gaussian", help="MIPP's MI estimator: gaussian, ksg or proxy")
+    parser.add_argument("--pool", type=int, default=None, help="MIPP: pool conv channels to a KxK grid (default mean)")
+    parser.add_argument("--min-units", type=float, default=1,
+                        help="collapse guard: units every layer keeps (>= 1), or a fraction of its width (< 1)")
+    parser.add_argument("--samples", type=int, default=2000, help="calibration samples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model (default 0)")
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    parser.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>-<method>)")
+    return parser
+
+
+def prune_command(args: argparse.Namespace) -> dict:
+    import copy
+
+    from mipp import data
+    from mipp.api import select_plan
+    from mipp.checkpoint import atomic_write_json, atomic_write_text, load_model, save_model
+    from mipp.measure import count_params
+    from mipp.train import TrainConfig, evaluate, fit, resolve_device
+
+    started = time.perf_counter()
+    options = _parse_data_options(args.data_option)
+    data_name = data.canonical_name(args.data)
+    device = resolve_device(args.device)
+    model, record = load_model(args.checkpoint)
+    if record.get("plan") is not None:
+        raise ValueError(f"{args.checkpoint} is already pruned; prune the original model (its Plan would not "
+                         "match the pruned widths)")
+    info = _data_call(data.dataset_info, data_name, root=args.data_root, **options)
+    _check_model_fits_data(record["model_config"], info, data_name)
+    splits = {s: _data_call(data.load_dataset, data_name, s, root=args.data_root, limit=args.limit, seed=0, **options)
+              for s in ("train", "test")}
+    method_options = {}
+    if args.method == "mipp":
+        method_options = {"confidence": args.confidence, "estimator": args.estimator, "pool": args.pool}
+    min_units = int(args.min_units) if args.min_units >= 1 else args.min_units
+    plan = select_plan(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
+                       min_units=min_units, n_samples=args.samples, seed=args.seed, **method_options)
+    pruned = plan.apply(copy.deepcopy(model))
+    before, after = evaluate(model, splits["test"], device=device), evaluate(pruned, splits["test"], device=device)
+    result = {"method": args.method, "budget": args.budget, "metric": args.metric,
+              "accuracy_before": before["accuracy"], "accuracy_pruned": after["accuracy"],
+              "params_before": count_params(model), "params_after": count_params(pruned),
+              **{k: v for k, v in plan.stats.items()}, "guard_hits": plan.guard_hits}
+    if args.finetune_epochs:
+        tune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, device=args.device,
+                           checkpoint_every=0)
+        fit(pruned, splits["train"], tune)
+        result["accuracy_finetuned"] = evaluate(pruned, splits["test"], device=device)["accuracy"]
+    out = Path(args.out or f"{Path(args.checkpoint).parent}-{args.method}")
+    save_model(out / "model.pt", pruned.cpu(), plan=plan.to_dict(), metrics=result)
+    plan.save(out / "plan.json")
+    atomic_write_text(out / "summary.txt", plan.summary() + "\n")
+    result.update(out=str(out), model_path=str(out / "model.pt"), plan_path=str(out / "plan.json"),
+                  summary=plan.summary(), wall_seconds=time.perf_counter() - started)
+    atomic_write_json(out / "metrics.json", result)
+    return result
+
+
+def render_prune(result: dict) -> str:
+    lines = [result["summary"], "",
+             f"{result['method']}: {100 * result['units_removed']:.1f}% of units, "
+             f"{100 * result['params_removed']:.1f}% of parameters, {100 * result['macs_removed']:.1f}% of MACs removed",
+             f"test accuracy {100 * result['accuracy_before']:.2f}% -> {100 * result['accuracy_pruned']:.2f}% "
+             "right after pruning"]
+    if "accuracy_finetuned" in result:
+        lines.append(f"after fine-tuning: {100 * result['accuracy_finetuned']:.2f}%")
+    lines.append(f"pruned model: {result['model_path']}\nplan: {result['plan_path']}")
+    return "\n".join(lines)
+
+
+def add_methods_parser(subparsers) -> argparse.ArgumentParser:
+    return add_command(subparsers, "methods", methods_command, render=render_methods,
+                       help="list the pruning methods, their regimes and sources")
+
+
+def methods_command(args: argparse.Namespace) -> dict:
+    from mipp.methods import get_method, method_names
+
+    return {"methods": [{"name": n, "regimes": list(get_method(n).regimes), "summary": get_method(n).summary}
+                        for n in method_names()]}
+
+
+def render_methods(result: dict) -> str:
+    return "\n".join(f"{m['name']:<22} {'/'.join(m['regimes']):<13} {m['summary']}" for m in result["methods"])
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    parser = add_command(subparsers, "demo", demo_command, render=render_demo,
+                         help="train LeNet-5 on Fashion-MNIST, prune with MIPP and baselines, fine-tune, compare")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); reruns resume")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs of the base model (default 5)")
+    parser.add_argument("--budgets", default="0.5,0.7,0.85", help="fractions of units to remove (default 0.5,0.7,0.85)")
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--limit", type=int, default=None, help="train on a subset (quick look)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    return parser
+
+
+def demo_command(args: argparse.Namespace) -> dict:
+    from mipp.demo import DemoConfig, run_demo
+
+    budgets = tuple(_fraction(b) for b in args.budgets.split(","))
+    config = DemoConfig(epochs=args.epochs, budgets=budgets, finetune_epochs=args.finetune_epochs,
+                        data_root=args.data_root, limit=args.limit, seed=args.seed, device=args.device)
+    return run_demo(args.out, config)
+
+
+def render_demo(result: dict) -> str:
+    from mipp.demo import render_table
+
+    return render_table(result) + "\nfiles: " + ", ".join(result["files"])
