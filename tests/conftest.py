@@ -4,6 +4,9 @@ import torch
 
 from mipp.models import build_model
 
+# Tiny models run fastest on one thread, and a second thread only contends with other work on a shared machine.
+torch.set_num_threads(1)
+
 # (name, build options) of the architectures every pruning test covers, at widths that keep tests fast.
 SMALL_MODELS = {
     "mlp": dict(in_channels=1, input_size=28, hidden=(64, 32)),
