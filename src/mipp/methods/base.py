@@ -97,6 +97,8 @@ def plan_from_scores(ctx: PruneContext, scores: dict[str, torch.Tensor], budget:
             low = mid + 1
     n_removed = _closest(ctx, kept_after, low, budget)
     kept = kept_after(n_removed)
+    if abs(ctx.cost.fractions_removed(kept)[budget.metric] - budget.fraction) > budget.tolerance:
+        kept = _fill_to_budget(ctx, candidates, max(low - 1, 0), budget, kept)
     decisions = {
         g.key: [UnitDecision(unit=i, kept=i in set(kept[g.key]), score=float(scores[g.key][i]))
                 for i in range(g.size)]
@@ -112,6 +114,30 @@ def _closest(ctx, kept_after, n: int, budget: Budget) -> int:
     above = ctx.cost.fractions_removed(kept_after(n))[budget.metric]
     below = ctx.cost.fractions_removed(kept_after(n - 1))[budget.metric]
     return n if abs(above - budget.fraction) <= abs(budget.fraction - below) else n - 1
+
+
+def _fill_to_budget(ctx, candidates, n_prefix: int, budget: Budget, fallback: dict[str, list[int]]
+                    ) -> dict[str, list[int]]:
+    """When no prefix of the ranking lands within `budget.tolerance` (one unit can weigh several % of the MACs),
+    continue from the last prefix below the target in rank order, skipping any unit whose removal would overshoot
+    the target by more than the tolerance. Returns whichever of this and `fallback` is closer to the target."""
+    removed: dict[str, set[int]] = {}
+    for _, key, unit in candidates[:n_prefix]:
+        removed.setdefault(key, set()).add(unit)
+
+    def kept_now() -> dict[str, list[int]]:
+        return {g.key: [i for i in range(g.size) if i not in removed.get(g.key, ())] for g in ctx.units.groups}
+
+    for _, key, unit in candidates[n_prefix:]:
+        reached = ctx.cost.fractions_removed(kept_now())[budget.metric]
+        if reached >= budget.fraction - budget.tolerance:
+            break
+        removed.setdefault(key, set()).add(unit)
+        if ctx.cost.fractions_removed(kept_now())[budget.metric] > budget.fraction + budget.tolerance:
+            removed[key].discard(unit)
+    kept = kept_now()
+    error = abs(ctx.cost.fractions_removed(kept)[budget.metric] - budget.fraction)
+    return kept if error < abs(ctx.cost.fractions_removed(fallback)[budget.metric] - budget.fraction) else fallback
 
 
 def finish_plan(ctx: PruneContext, kept: dict[str, list[int]], method: str, settings: dict,

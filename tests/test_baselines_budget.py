@@ -1,0 +1,143 @@
+"""Every baseline on every architecture: budgets of units, parameters and MACs met within 1 percentage point, the
+plan applied physically, reachability through `mipp.api.prune`, and the Torch-Pruning adapter against
+torch-pruning's own global pruning."""
+import copy
+import functools
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+
+from conftest import inputs_for, small_model
+from mipp.api import make_context, prune
+from mipp.methods import Budget, get_method, method_names
+from mipp.methods.gradients import labelled_batches, scoring_copy
+from mipp.methods.torch_pruning_criteria import CRITERIA, fill_gradients, select_tp
+from mipp.plan import Plan
+
+MODELS = ("mlp", "lenet5", "vgg11", "resnet18")
+BASELINES = [name for name in method_names() if name != "mipp"]
+NEEDS_BATCH_NORM = {"tp-bn-scale"}
+N_SAMPLES = 16
+# the iterative methods with few rounds, IMP with a tiny re-training: the properties do not depend on these numbers
+FAST_OPTIONS = {"synflow": dict(rounds=5), "itersnip": dict(rounds=3), "itergrasp": dict(rounds=3),
+                "thinet": dict(samples_per_input=4), "prospr": dict(batch_size=8),
+                "imp": dict(rounds=2, train_options=dict(batch_size=8))}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models run faster on one thread, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def labelled(model, n=N_SAMPLES, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return inputs_for(model, n, seed), torch.randint(0, 10, (n,), generator=generator)
+
+
+@functools.lru_cache(maxsize=None)
+def context(model_name):
+    model = small_model(model_name)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct batch-norm scales, as after training, so that BN-scale has no ties to break
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.2, 1.5, generator=generator)
+    return make_context(model, labelled(model), n_samples=N_SAMPLES)
+
+
+def applies(method, model_name):
+    return not (method in NEEDS_BATCH_NORM and model_name in ("mlp", "lenet5"))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("method", BASELINES)
+def test_budget_met_within_one_point_on_every_metric(method, model_name):
+    if not applies(method, model_name):
+        pytest.skip(f"{method} needs batch norm, which {model_name} has not")
+    ctx = context(model_name)
+    info = get_method(method)
+    for metric in ("units", "params", "macs"):
+        plan = info.select(ctx, Budget(0.4, metric), **FAST_OPTIONS.get(method, {}))
+        assert plan.method == method
+        assert abs(plan.stats[f"{metric}_removed"] - 0.4) <= 0.01, (metric, plan.stats)
+        assert all(len(kept) >= 1 for kept in plan.kept.values())
+    pruned = plan.apply(copy.deepcopy(ctx.model))  # the last (MACs) plan, applied physically
+    with torch.no_grad():
+        out = pruned(ctx.example_input)
+    assert out.shape == ctx.model(ctx.example_input).shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_method_is_reachable_through_api_prune(method):
+    model = small_model("vgg11")
+    data = labelled(model, 8)
+    options = dict(FAST_OPTIONS.get(method, {}))
+    pruned, plan = prune(model, data, method=method, budget=0.3, metric="params", n_samples=8, seed=1, **options)
+    assert plan.method == method and plan.seed == 1
+    assert plan.stats["params_removed"] == pytest.approx(0.3, abs=0.01)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert pruned(data[0][:2]).shape == (2, 10)
+    text = json.dumps(plan.to_dict(), allow_nan=False)  # finite scores, JSON-able settings
+    assert Plan.from_dict(json.loads(text)).kept == plan.kept
+
+
+def test_same_seed_same_plan():
+    ctx = context("resnet18")
+    for method in ("random", "thinet", "prospr"):
+        first = get_method(method).select(ctx, Budget(0.5), **FAST_OPTIONS.get(method, {}))
+        second = get_method(method).select(ctx, Budget(0.5), **FAST_OPTIONS.get(method, {}))
+        assert first.kept == second.kept, method
+
+
+def test_imp_retrains_between_rounds_and_leaves_the_pruned_model():
+    ctx = context("lenet5")
+    model_before = copy.deepcopy(ctx.model.state_dict())
+    plan = get_method("imp").select(ctx, Budget(0.5), rounds=2, epochs_per_round=1,
+                                    train_options=dict(batch_size=8, lr=0.01))
+    assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in model_before.items())  # original untouched
+    pruned = ctx.extras["imp_model"]
+    widths = {name: m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
+              for name, m in pruned.named_modules() if name in plan.kept}
+    assert widths == {key: len(kept) for key, kept in plan.kept.items()}
+    assert plan.settings["rounds"] == 2 and plan.stats["units_removed"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("model_name", ["lenet5", "vgg11", "resnet18"])
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_torch_pruning_adapter_keeps_what_torch_pruning_keeps(criterion, model_name):
+    """Our plan against `tp.pruner.MetaPruner(global_pruning=True)` with the same criterion and ratio of units.
+
+    torch-pruning removes n = total - int(total * (1 - ratio)) channels network-wide (the output layer ignored) by
+    thresholding the criterion's scores; we ask for the budget n / total of units, which global ranking of the same
+    scores meets exactly, so both must remove the very same units.
+    """
+    if not applies(criterion, model_name):
+        pytest.skip(f"{criterion} needs batch norm")
+    ctx = context(model_name)
+    total, ratio = ctx.units.total_units, 0.3
+    n_removed = total - int(total * (1 - ratio))  # torch-pruning's definition of the ratio
+    plan = select_tp(ctx, Budget(n_removed / total, "units"), criterion)
+
+    direct = scoring_copy(ctx.model)
+    if criterion in ("tp-taylor", "tp-hessian"):
+        batches = labelled_batches(ctx.data, N_SAMPLES, seed=ctx.seed)
+        fill_gradients(direct, batches, "gradient" if criterion == "tp-taylor" else "squared")
+    names = {module: name for name, module in direct.named_modules()}
+    pruner = tp.pruner.MetaPruner(direct, ctx.example_input, importance=CRITERIA[criterion](), global_pruning=True,
+                                  pruning_ratio=ratio,
+                                  ignored_layers=[direct.get_submodule(n) for n in ctx.units.output_modules])
+    removed_by_tp = {}
+    for group in pruner.step(interactive=True):
+        idxs = sorted(int(i) for i in group[0].idxs)
+        if idxs:
+            removed_by_tp[names[group[0].dep.target.module]] = idxs
+    ours = {key: plan.removed(key) for key in plan.kept if plan.removed(key)}
+    assert sum(map(len, ours.values())) == n_removed
+    assert ours == removed_by_tp

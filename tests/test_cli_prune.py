@@ -1,0 +1,68 @@
+"""`mipp prune`, `mipp methods` and the demo, end to end on the synthetic data set (seconds, not minutes)."""
+import json
+
+import pytest
+
+from mipp import demo
+from mipp.checkpoint import load_model
+from mipp.cli import main
+from mipp.plan import Plan
+
+SYNTHETIC = ["--data", "synthetic", "--data-option", "n=600"]
+
+
+def run_json(capsys, argv):
+    assert main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--model", "mlp", *SYNTHETIC, "--epochs", "2", "--out", str(out), "--json"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["mipp", "magnitude-l1"])
+def test_prune_writes_a_smaller_model_its_plan_and_summary(capsys, trained, tmp_path, method):
+    out = tmp_path / method
+    result = run_json(capsys, ["prune", "--checkpoint", str(trained / "model.pt"), *SYNTHETIC, "--method", method,
+                               "--budget", "0.5", "--samples", "500", "--out", str(out)])
+    assert abs(result["units_removed"] - 0.5) <= 0.01
+    assert result["params_after"] < result["params_before"]
+    plan = Plan.load(out / "plan.json")
+    assert plan.method == method and "kept" in (out / "summary.txt").read_text()
+    model, record = load_model(out / "model.pt")  # rebuilt from architecture + plan + state dict, no pickle
+    assert sum(p.numel() for p in model.parameters()) == result["params_after"]
+    evaluated = run_json(capsys, ["eval", "--checkpoint", str(out / "model.pt"), *SYNTHETIC])
+    assert evaluated["pruned"] and evaluated["accuracy"] == pytest.approx(result["accuracy_pruned"])
+
+
+def test_prune_rejects_bad_input_with_a_message(capsys, trained):
+    assert main(["prune", "--checkpoint", str(trained / "missing.pt"), *SYNTHETIC]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", str(trained / "model.pt"), *SYNTHETIC, "--method", "nope",
+                 "--budget", "0.5"]) == 2
+    assert "unknown pruning method" in capsys.readouterr().err
+    assert main(["prune", "--checkpoint", str(trained / "model.pt"), *SYNTHETIC, "--method", "snip"]) == 2
+    assert "needs a budget" in capsys.readouterr().err
+
+
+def test_methods_lists_mipp_and_baselines(capsys):
+    names = {m["name"] for m in run_json(capsys, ["methods"])["methods"]}
+    assert {"mipp", "random", "magnitude-l1", "snip", "thinet", "tp-lamp"} <= names
+
+
+def test_demo_writes_table_and_plot_and_resumes_without_recomputing(tmp_path, monkeypatch):
+    config = demo.DemoConfig(model="mlp", data="synthetic", epochs=1, budgets=(0.5,), methods=("mipp", "random"),
+                             n_samples=300, torch_pruning=False, data_options={"n": 400})
+    result = demo.run_demo(tmp_path, config, progress=False)
+    methods = sorted((r["method"], r["budget"] or 0) for r in result["rows"])
+    assert methods == [("mipp", 0), ("mipp", 0.5), ("random", 0.5)]
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert "| mipp | 50% units |" in (tmp_path / "results.md").read_text()
+    # a rerun finds every row done: it must not select again
+    monkeypatch.setattr(demo, "select_plan", lambda *a, **k: pytest.fail("finished work was redone"))
+    again = demo.run_demo(tmp_path, config, progress=False)
+    assert again["rows"] == result["rows"]
+
