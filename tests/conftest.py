@@ -13,7 +13,7 @@ SMALL_MODELS = {
     "lenet5": dict(in_channels=1, input_size=28),
     "vgg11": dict(in_channels=3, input_size=32, width=0.125),
     "resnet18": dict(in_channels=3, input_size=32, width=0.125),
-    "resnet50": dict(in_channels=3, input_size=32, width=0.125),
+    "resnet50": dict(in_channels=3, input_size=32, width=0.0625),
     "resnet56": dict(in_channels=3, input_size=32, width=0.25),
 }
 

@@ -32,6 +32,8 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--min-units", type=float, default=1,
                         help="collapse guard: units every layer keeps (>= 1), or a fraction of its width (< 1)")
     parser.add_argument("--samples", type=int, default=2000, help="calibration samples (default 2000)")
+    parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra option of the method, e.g. rounds=5 for imp or p=2 for magnitude (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model (default 0)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
@@ -61,9 +63,10 @@ def prune_command(args: argparse.Namespace) -> dict:
     _check_model_fits_data(record["model_config"], info, data_name)
     splits = {s: _data_call(data.load_dataset, data_name, s, root=args.data_root, limit=args.limit, seed=0, **options)
               for s in ("train", "test")}
-    method_options = {}
+    method_options = _parse_data_options(args.method_option)
     if args.method == "mipp":
-        method_options = {"confidence": args.confidence, "estimator": args.estimator, "pool": args.pool}
+        method_options = {"confidence": args.confidence, "estimator": args.estimator, "pool": args.pool,
+                          **method_options}
     min_units = int(args.min_units) if args.min_units >= 1 else args.min_units
     plan = select_plan(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
                        min_units=min_units, n_samples=args.samples, seed=args.seed, **method_options)

@@ -9,6 +9,7 @@ minimum width.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,25 +44,29 @@ class SweepResult:
 
 
 def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], producer_of: dict[str, str]):
-    """Y for a group: the kept activations of every layer that reads it (the logits for the last hidden layer)."""
-    parts, seen = [], set()
+    """Y for a group: the kept activations of every layer that reads it (the logits for the last hidden layer).
+
+    Returns Y and a signature of what it is made of (which sources, which of their units), for caching."""
+    parts, signature = [], []
     for reader in group.readers:
         source = producer_of.get(reader)
-        if source is not None and source != group.key and source not in seen:
-            seen.add(source)
+        if source is not None and source != group.key and source not in {s for s, _ in signature}:
+            signature.append((source, tuple(kept[source])))
             parts.append(acts.units[source][:, kept[source]].flatten(1))
-        elif source is None and reader in acts.outputs and reader not in seen:
-            seen.add(reader)
+        elif source is None and reader in acts.outputs and reader not in {s for s, _ in signature}:
+            signature.append((reader, ()))
             parts.append(acts.outputs[reader])
     if not parts:
         raise ValueError(f"group {group.key!r} has no captured reader to serve as its target")
-    return torch.cat(parts, 1)
+    return torch.cat(parts, 1), (group.key, tuple(signature))
 
 
 class ConfidenceRule:
     """The paper's rule: keep a unit when its transfer entropy is significant at the session's confidence."""
 
-    def start(self, estimator, units: torch.Tensor, target: torch.Tensor) -> None:
+    needs_layer_mi = False
+
+    def start(self, layer_mi: float | None) -> None:
         pass
 
     def keep(self, result: TestResult) -> bool:
@@ -77,12 +82,13 @@ class InformationShareRule:
     and in layers of many similar units one threshold then removes almost nothing or almost everything.
     """
 
+    needs_layer_mi = True
+
     def __init__(self, share: float):
         self.share = share
 
-    def start(self, estimator, units: torch.Tensor, target: torch.Tensor) -> None:
-        layer_mi = max(0.0, float(estimator.cmi(units.flatten(1), target)))
-        self.allowance, self.spent = self.share * layer_mi, 0.0
+    def start(self, layer_mi: float | None) -> None:
+        self.allowance, self.spent = self.share * max(0.0, layer_mi), 0.0
 
     def keep(self, result: TestResult) -> bool:
         loss = max(0.0, float(result.estimate))
@@ -92,16 +98,28 @@ class InformationShareRule:
         return True
 
 
-def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: float) -> SweepResult:
-    """One output-to-input pass over every group; `rule` decides from each unit's transfer-entropy test."""
+def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: float,
+          cache: dict | None = None) -> SweepResult:
+    """One output-to-input pass over every group; `rule` decides from each unit's transfer-entropy test.
+
+    `cache` (budget mode, which sweeps many times) keeps each layer's fresh session, keyed by what its target is
+    made of: a layer whose readers kept the same units as in an earlier sweep starts from a copy."""
     producer_of = ctx.units.producer_group()
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
     decisions = {}
     for group in ctx.units.groups:  # already ordered from the output to the input
-        units, target = acts.units[group.key], target_of(group, acts, kept, producer_of)
-        session = estimator.session(units, target, confidence)
-        rule.start(estimator, units, target)
-        unit_mi = session.unit_mi()
+        units = acts.units[group.key]
+        target, signature = target_of(group, acts, kept, producer_of)
+        if cache is None or signature not in cache:
+            session = estimator.session(units, target, confidence)
+            layer_mi = float(estimator.cmi(units.flatten(1), target)) if rule.needs_layer_mi else None
+            fresh = (session, session.unit_mi(), layer_mi)
+            if cache is not None:
+                cache[signature] = (copy.deepcopy(session), *fresh[1:])
+        else:
+            fresh = (copy.deepcopy(cache[signature][0]), *cache[signature][1:])
+        session, unit_mi, layer_mi = fresh
+        rule.start(layer_mi)
         order = torch.argsort(unit_mi, stable=True).tolist()
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
         floor = ctx.min_width(group.size)
@@ -147,8 +165,10 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
 
 def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettings):
     """Find the information share whose sweep removes the budget's fraction (bisection on its logarithm)."""
+    cache: dict = {}
+
     def run(share):
-        result = sweep(ctx, acts, estimator, InformationShareRule(share), settings.confidence)
+        result = sweep(ctx, acts, estimator, InformationShareRule(share), settings.confidence, cache)
         return result, ctx.cost.fractions_removed(result.kept)[budget.metric]
 
     low, high = math.log(1e-7), 0.0  # share of each layer's information that may be lost: ~nothing .. all
