@@ -21,15 +21,6 @@ from mipp.methods.thinet import greedy_removal_order, thinet_orders, unit_contri
 from mipp.units import find_units
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny networks run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mlp(seed=0, bias=True, dtype=torch.float32):
     """4 -> 5 -> 3: one prunable group "0" of 5 hidden units, read by "2"."""
     torch.manual_seed(seed)

@@ -26,15 +26,6 @@ FAST_OPTIONS = {"synflow": dict(rounds=5), "itersnip": dict(rounds=3), "itergras
                 "imp": dict(rounds=2, train_options=dict(batch_size=8))}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run faster on one thread, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def labelled(model, n=N_SAMPLES, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return inputs_for(model, n, seed), torch.randint(0, 10, (n,), generator=generator)

@@ -16,15 +16,6 @@ from mipp.cli import main
 TRAIN = ["train", "--model", "mlp", "--data", "synthetic", "--limit", "400", "--epochs", "2", "--batch-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and a busy machine cannot slow them down much."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_json(capsys, argv):
     assert main(argv + ["--json"]) == 0
     out = capsys.readouterr().out

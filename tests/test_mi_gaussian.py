@@ -11,14 +11,6 @@ from mipp.mi import ESTIMATOR_NAMES, GaussianEstimator, GaussianMoments, get_est
 from mipp.mi.gaussian import gaussian_cmi_logdet, transfer_entropy_logdet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def logdet_np(S, idx):
     return np.linalg.slogdet(S[np.ix_(idx, idx)])[1] if idx else 0.0
 

@@ -12,14 +12,6 @@ from mipp.mi.ksg import chunk_rows, ksg, principal_components
 npeet = pytest.importorskip("npeet_plus")  # test-only dependency
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def true_cmi(S, x, y, z):
     def ld(idx):
         return np.linalg.slogdet(S[np.ix_(idx, idx)])[1] if idx else 0.0

@@ -18,14 +18,6 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted(n: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n, 3, generator=g, dtype=torch.float64)

@@ -4,17 +4,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from mipp.mi import ProxyEstimator
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("rho", [0.5, 0.9])

@@ -46,15 +46,6 @@ TRAIN, TEST = Arrays(300, seed=1), Arrays(120, seed=2)
 CONFIG = TrainConfig(epochs=3, batch_size=32, lr=0.1, checkpoint_every=4, augment="flip-crop", device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread, and a busy machine cannot slow them down much."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
