@@ -17,7 +17,7 @@ import torch
 from mipp.api import select_plan
 from mipp.checkpoint import atomic_write_text, load_model, save_model
 from mipp.data import dataset_info, load_dataset
-from mipp.measure import count_macs, count_params
+from mipp.measure import count_params
 from mipp.methods import method_names
 from mipp.models import build_model
 from mipp.train import TrainConfig, evaluate, fit
