@@ -236,6 +236,8 @@ COMMANDS: list[Callable | str] = [
     "mipp.cli_prune:add_prune_parser",
     "mipp.cli_prune:add_methods_parser",
     "mipp.cli_prune:add_demo_parser",
+    "mipp.experiments.cli:add_sweep_parser",
+    "mipp.experiments.cli:add_report_parser",
 ]
 
 

@@ -12,6 +12,8 @@ keeps a seeded class-stratified subset (see base.subset_indices). Options per se
     imagefolder            input_size=224, resize_size=None, normalize=True, in_memory=False
     digits                 normalize=True                       (ships with scikit-learn)
     synthetic              n=None, in_channels=1, input_size=16, num_classes=4, noise=1.0, normalize=True
+
+`deformed(dataset, seed)` wraps any in-memory set with a fixed random transformation per class (see deform.py).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .base import (
     subset_indices,
 )
 from .cifar import cifar_info, load_cifar
+from .deform import deformed
 from .digits import digits_info, load_digits_dataset
 from .folder import ImageFolderDataset, imagefolder_info, load_imagefolder
 from .idx import idx_info, load_idx, read_idx
@@ -45,6 +48,7 @@ __all__ = [
     "ImageFolderDataset",
     "canonical_name",
     "dataset_info",
+    "deformed",
     "load_dataset",
     "read_idx",
     "subset_indices",

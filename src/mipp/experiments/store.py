@@ -1,0 +1,133 @@
+"""The result store of a sweep: one JSON file per run, shared base models, and the log of the sweeps run into it.
+
+    OUT/runs/<run id>.json         one run's record, written atomically after each stage (pruning, each budget)
+    OUT/base/<model-data-seed-h>/  a trained base model shared by every run that prunes it (model.pt, base.json),
+                                   with the training checkpoint it resumes from (train-state.pt)
+    OUT/work/<run id>-ft<b>.pt     the checkpoint of a fine-tuning in progress (removed when it is recorded)
+    OUT/configs/<name>-<hash>.json the resolved config of each sweep, and OUT/sweeps.jsonl the commands
+
+Nothing is ever deleted or overwritten with less: a killed sweep loses at most the stage it was in, and rerunning
+the same command skips every finished run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from mipp.checkpoint import atomic_write_json, load_model, save_model
+from mipp.experiments.config import RunSpec, SweepConfig, stable_hash
+
+log = logging.getLogger(__name__)
+RECORD_FORMAT = "mipp-run/1"
+FINISHED = ("done", "skipped", "failed")
+# Fields that measure the machine, not the method: they differ between two runs of the same config.
+VOLATILE = ("timings", "selection", "latency_ms", "finished_at", "versions", "base_latency_ms")
+
+
+class ResultStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.runs_dir = self.root / "runs"
+
+    # ------------------------------------------------------------------------------------------------ runs
+
+    def path(self, run_id: str) -> Path:
+        return self.runs_dir / f"{run_id}.json"
+
+    def get(self, run_id: str) -> dict | None:
+        path = self.path(run_id)
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:  # cannot happen with atomic writes, unless edited by hand
+            log.warning("ignoring unreadable run record %s (it will be recomputed)", path)
+            return None
+
+    def put(self, record: dict) -> None:
+        atomic_write_json(self.path(record["run_id"]), record)
+
+    def records(self) -> list[dict]:
+        out = []
+        for path in sorted(self.runs_dir.glob("*.json")):
+            record = self.get(path.stem)
+            if record is not None and record.get("format") == RECORD_FORMAT:
+                out.append(record)
+        return out
+
+    def work_path(self, run_id: str, epochs: int) -> Path:
+        return self.root / "work" / f"{run_id}-ft{epochs}.pt"
+
+    # ----------------------------------------------------------------------------------------- base models
+
+    def base_dir(self, run: RunSpec) -> Path:
+        identity = run.base_identity()
+        name = f"{run.labels['model']}-{run.labels['data']}-s{run.seed}-{stable_hash(identity)[:10]}"
+        return self.root / "base" / name.replace("/", "_")
+
+    def base_model(self, run: RunSpec, build, train_set, test_set, train_config, *, progress: bool = True):
+        """The trained base model of `run` (model, metrics): loaded if finished, else trained (resuming)."""
+        from mipp.measure import count_params
+        from mipp.train import evaluate, fit
+
+        folder = self.base_dir(run)
+        if (folder / "model.pt").exists():
+            model, record = load_model(folder / "model.pt")
+            return model, record["metrics"]
+        model = build()
+        started = time.perf_counter()
+        result = fit(model, train_set, train_config, checkpoint_path=folder / "train-state.pt",
+                     identity=run.base_identity(), progress=progress)
+        model.cpu()
+        metrics = {"test_accuracy": evaluate(model, test_set)["accuracy"], "params": count_params(model),
+                   "train_seconds": result["seconds"], "wall_seconds": time.perf_counter() - started,
+                   "history": result["history"], "identity": run.base_identity()}
+        save_model(folder / "model.pt", model, metrics=metrics)
+        atomic_write_json(folder / "base.json", metrics)
+        return model, metrics
+
+    # ------------------------------------------------------------------------------------------ sweep log
+
+    def log_sweep(self, config: SweepConfig, argv: list[str] | None, counts: dict | None = None) -> Path:
+        """Save the resolved config (rerunnable with --config) and append the command to sweeps.jsonl."""
+        data = config.to_dict()
+        path = self.root / "configs" / f"{config.name}-{stable_hash(data)[:8]}.json"
+        if not path.exists():
+            atomic_write_json(path, data)
+        line = {"config": str(path.relative_to(self.root)), "argv": argv, "counts": counts,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "sweeps.jsonl", "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        return path
+
+    def sweeps(self) -> list[dict]:
+        path = self.root / "sweeps.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for text in path.read_text().splitlines():
+            try:
+                out.append(json.loads(text))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        return out
+
+
+def is_finished(record: dict | None, budgets, retry_failed: bool = False) -> bool:
+    """A run needs no work: done with every requested budget, skipped, or failed (unless retrying)."""
+    if record is None:
+        return False
+    status = record.get("status")
+    if status == "skipped" or (status == "failed" and not retry_failed):
+        return True
+    if status not in ("done", "partial"):
+        return False
+    return all(str(b) in record.get("finetune", {}) for b in budgets)
+
+
+def stable_view(record: dict) -> dict:
+    """The record without what measures the machine (times, memory, latency, versions): equal for equal configs."""
+    return {k: v for k, v in record.items() if k not in VOLATILE}

@@ -1,0 +1,247 @@
+"""The experiment harness: a tiny sweep (synthetic data, small MLP, MIPP and random, two targets, two seeds, both
+regimes, fine-tuning 0 and 1 epoch) runs, is skipped when rerun, and gives the same records when interrupted (between
+runs, inside base training, inside a run) and resumed; the report writes its tables and figures; win/loss on known
+numbers; the deform wrapper."""
+import json
+
+import pytest
+import torch
+
+from mipp.data import ArrayDataset, deformed
+from mipp.experiments import report as report_module
+from mipp.experiments.config import SweepConfig, expand
+from mipp.experiments.runner import Runner, run_sweep
+from mipp.experiments.store import ResultStore, stable_view
+
+TINY = dict(name="tiny", models=[{"name": "mlp", "hidden": [24, 12]}],
+            data=[{"name": "synthetic", "options": {"n": 240, "input_size": 8}}], methods=["mipp", "random"],
+            targets=[0.3, 0.6], seeds=[0, 1], regimes=["init", "trained"], finetune_epochs=[0, 1],
+            train={"epochs": 3, "batch_size": 32}, n_samples=200, train_eval_n=100, latency=False)
+N_RUNS = 16
+
+
+
+
+@pytest.fixture(scope="module")
+def full_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    counts = run_sweep(SweepConfig(**TINY), out, progress=False)
+    return out, counts
+
+
+def by_id(out) -> dict:
+    return {r["run_id"]: r for r in ResultStore(out).records()}
+
+
+def test_sweep_runs_everything_and_records_every_metric(full_sweep):
+    out, counts = full_sweep
+    assert counts == {"out": str(out), "runs": N_RUNS, "already": 0, "done": N_RUNS, "skipped": 0, "failed": 0}
+    records = by_id(out)
+    assert len(records) == N_RUNS
+    for r in records.values():
+        assert r["status"] == "done" and set(r["finetune"]) == {"0", "1"}
+        assert abs(r["removed"]["units"] - r["target"]) < 0.03
+        assert set(r["units_kept"]) == set(r["layers"]) == set(r["kept_fraction"])
+        assert 0 <= r["pruned"]["test_accuracy"] <= 1 and 0 <= r["pruned"]["train_accuracy"] <= 1
+        assert r["selection"]["seconds"] > 0 and r["selection"]["peak_rss_mb"] is not None
+        assert set(r["collapse"]) >= {"guard", "untrainable", "any"}
+        assert r["config"]["seed"] == r["seed"] and "torch" in r["versions"]
+    trained = [r for r in records.values() if r["regime"] == "trained"]
+    assert {r["base"]["dir"] for r in trained} == {p.name for p in (out / "base").iterdir()}  # one per seed
+    assert all(r["base"]["test_accuracy"] > 0.6 for r in trained)
+
+
+def test_rerun_skips_every_finished_run(full_sweep, monkeypatch):
+    out, _ = full_sweep
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was recomputed")
+
+    monkeypatch.setattr("mipp.api.select_plan", fail)
+    monkeypatch.setattr(Runner, "_finetune", fail)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    counts = run_sweep(SweepConfig(**TINY), out, progress=False)
+    assert counts["already"] == N_RUNS and counts["done"] == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_to_the_same_results(full_sweep, tmp_path, monkeypatch):
+    from mipp.train import _Trainer
+
+    config = SweepConfig(**TINY)
+    seen = []
+
+    def stop_after_three(record):  # 1) between runs
+        seen.append(record["run_id"])
+        if len(seen) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(config, tmp_path, progress=False, on_record=stop_after_three)
+    assert len(ResultStore(tmp_path).records()) == 3
+
+    original_epoch = _Trainer.train_epoch
+
+    def interrupt_base_training(self):  # 2) inside the base model's training, after its first epoch
+        if self.path is not None and self.path.name == "train-state.pt" and self.epoch == 1:
+            raise KeyboardInterrupt
+        original_epoch(self)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(_Trainer, "train_epoch", interrupt_base_training)
+        run_sweep(config, tmp_path, progress=False)
+    base_dir = next((tmp_path / "base").iterdir())
+    assert (base_dir / "train-state.pt").exists() and not (base_dir / "model.pt").exists()
+
+    def interrupt_finetuning(*args, **kwargs):  # 3) inside a run, after its pruning stage was saved
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Runner, "_finetune", interrupt_finetuning)
+        run_sweep(config, tmp_path, progress=False)
+    assert "partial" in {r["status"] for r in ResultStore(tmp_path).records()}
+
+    counts = run_sweep(config, tmp_path, progress=False)
+    assert counts["done"] + counts["already"] == N_RUNS and counts["failed"] == 0
+    resumed, uninterrupted = by_id(tmp_path), by_id(full_sweep[0])
+    assert resumed.keys() == uninterrupted.keys()
+    for run_id, record in uninterrupted.items():
+        assert stable_view(resumed[run_id]) == stable_view(record), run_id
+
+
+def test_new_budget_extends_finished_runs_without_selecting_again(full_sweep, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(full_sweep[0], tmp_path / "store")
+    monkeypatch.setattr("mipp.api.select_plan", lambda *a, **k: pytest.fail("selection was redone"))
+    config = SweepConfig(**{**TINY, "seeds": [0], "regimes": ["trained"], "methods": ["random"],
+                            "finetune_epochs": [0, 1, 2]})
+    counts = run_sweep(config, tmp_path / "store", progress=False)
+    assert counts["done"] == 2
+    for record in ResultStore(tmp_path / "store").records():
+        if record["regime"] == "trained" and record["method"] == "random" and record["seed"] == 0:
+            assert set(record["finetune"]) == {"0", "1", "2"}
+
+
+def test_inapplicable_methods_are_skipped_with_a_reason(tmp_path):
+    config = SweepConfig(**{**TINY, "methods": ["snip", "taylor", {"name": "random", "targets": [None]}],
+                            "targets": [0.5], "seeds": [0], "finetune_epochs": [0]})
+    counts = run_sweep(config, tmp_path, progress=False)
+    assert (counts["done"], counts["skipped"]) == (2, 4)
+    status = {(r["method"], r["regime"]): (r["status"], r["reason"]) for r in ResultStore(tmp_path).records()}
+    assert status["snip", "init"][0] == status["taylor", "trained"][0] == "done"
+    assert "init regime only" in status["snip", "trained"][1]
+    assert "trained regime only" in status["taylor", "init"][1]
+    assert "needs a target" in status["random", "init"][1]
+
+
+def test_run_ids_are_stable_and_ignore_budgets_paths_and_device():
+    runs = expand(SweepConfig(**TINY))
+    assert len(runs) == N_RUNS and len({r.run_id for r in runs}) == N_RUNS
+    other = expand(SweepConfig(**{**TINY, "finetune_epochs": [0, 5], "device": "cpu", "data_root": "/x"}))
+    assert [r.run_id for r in runs] == [r.run_id for r in other]
+    assert runs[0].run_id != expand(SweepConfig(**{**TINY, "n_samples": 300}))[0].run_id
+    with pytest.raises(ValueError, match="unknown sweep config key"):
+        SweepConfig.from_dict({"modells": ["mlp"]})
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        expand(SweepConfig(**{**TINY, "methods": ["nope"]}))
+
+
+def test_report_writes_tables_and_figures(full_sweep, tmp_path):
+    from mipp.cli import main
+
+    out = tmp_path / "docs"
+    assert main(["report", "--runs", str(full_sweep[0]), "--out", str(out), "--json"]) == 0
+    assert (out / "results.md").exists()
+    for name in ("accuracy", "collapse", "layers", "finetune"):
+        assert (out / "figures" / f"{name}_mlp_synthetic.png").stat().st_size > 5000
+    assert (out / "figures" / "selection_cost.png").exists()
+    rows = (out / "tables" / "runs.csv").read_text().splitlines()
+    assert len(rows) == N_RUNS + 1 and "acc_ft1" in rows[0]
+    summary = (out / "tables" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 2 * 2 * 2  # regimes x methods x targets, each over 2 seeds
+    assert all(line.split(",")[5] == "2" for line in summary[1:])
+    text = (out / "results.md").read_text()
+    assert "## mlp on synthetic" in text and "| mipp |" in text and "| random |" in text
+    assert "MIPP against each baseline" in text and "mipp sweep --config" in text
+    counts = (out / "tables" / "winloss.csv").read_text().splitlines()
+    assert len(counts) == 1 + 2 * 1 * 2 * 2  # regimes x baselines x axes x stages
+
+
+def test_sweep_flags_override_the_config_file(tmp_path):
+    from mipp.cli import build_parser
+    from mipp.experiments.cli import sweep_config
+
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({**TINY, "comment": "a test"}))
+    args = build_parser().parse_args(["sweep", "--config", str(path), "--out", str(tmp_path), "--seeds", "3",
+                                      "--width", "0.5", "--deform", "--targets", "0.5,none", "--epochs", "2"])
+    config = sweep_config(args)
+    assert config.seeds == [3] and config.models[0]["width"] == 0.5 and config.data[0]["deform"] is True
+    assert config.train == {"epochs": 2, "batch_size": 32} and config.methods == ["mipp", "random"]
+    runs = expand(config)
+    assert {r.target for r in runs} == {0.5, None} and runs[0].labels["data"] == "synthetic+deform"
+
+
+def fake_record(method, target, seed, units, macs, acc):
+    return {"format": "mipp-run/1", "run_id": f"{method}-{target}-{seed}", "status": "done", "model": "m",
+            "data": "d", "method": method, "method_name": method, "regime": "trained", "target": target,
+            "metric": "units", "seed": seed, "removed": {"units": units, "params": macs, "macs": macs},
+            "base": {"test_accuracy": 0.9}, "pruned": {"test_accuracy": acc, "train_accuracy": acc},
+            "finetune": {"0": {"test_accuracy": acc, "train_accuracy": acc}},
+            "collapse": {"any": False, "guard": False}, "selection": {"seconds": 1.0, "peak_rss_mb": 1.0},
+            "layers": ["a"], "kept_fraction": {"a": 1 - units}, "versions": {}}
+
+
+def test_win_loss_on_known_numbers(tmp_path):
+    store = ResultStore(tmp_path)
+    #            method    target seed units macs  accuracy
+    for row in [("mipp", 0.5, 0, 0.5, 0.4, 0.78), ("mipp", 0.5, 1, 0.5, 0.4, 0.82),  # mean 0.80
+                ("mipp", 0.7, 0, 0.7, 0.6, 0.60), ("mipp", 0.7, 1, 0.7, 0.6, 0.60),
+                ("random", 0.5, 0, 0.5, 0.6, 0.70), ("random", 0.5, 1, 0.5, 0.6, 0.70),
+                ("random", 0.7, 0, 0.7, 0.8, 0.65), ("random", 0.7, 1, 0.7, 0.8, 0.65),
+                ("magnitude", 0.5, 0, 0.5, 0.45, 0.80), ("magnitude", 0.7, 0, 0.7, 0.65, 0.40)]:
+        store.put(fake_record(*row))
+    done, _, _ = report_module.load([tmp_path])
+    summary = report_module.summarize(report_module.run_rows(done, ["pruned"]), ["pruned"])
+    levels, counts = report_module.win_loss(summary, ["pruned"], tie=0.002)
+    tally = {(c["baseline"], c["axis"]): (c["win"], c["tie"], c["loss"]) for c in counts}
+    # equal units: at 50% 0.80 vs 0.70 (win), at 70% 0.60 vs 0.65 (loss)
+    # equal MACs: MIPP's levels 40% and 60%; random spans 60-80%, so only 60%: 0.60 vs 0.70 (loss)
+    assert tally["random", "units"] == (1, 0, 1) and tally["random", "macs"] == (0, 0, 1)
+    # magnitude: units 0.80 vs 0.80 (tie), 0.60 vs 0.40 (win); MACs at 60%: interpolated 0.50 (win), 40%: outside
+    assert tally["magnitude", "units"] == (1, 1, 0) and tally["magnitude", "macs"] == (1, 0, 0)
+    level = next(lv for lv in levels if lv["baseline"] == "magnitude" and lv["axis"] == "macs")
+    assert level["level"] == pytest.approx(0.6) and level["baseline_accuracy"] == pytest.approx(0.5)
+
+
+def test_deform_is_fixed_per_class_and_differs_between_classes():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 1, 12, 12, generator=g)
+    images = torch.cat([image, image, image, torch.rand(1, 1, 12, 12, generator=g)])
+    data = ArrayDataset(images, torch.tensor([0, 0, 1, 1]), name="toy", split="train")
+    warped = deformed(data, seed=3)
+    assert torch.equal(warped.images, deformed(data, seed=3).images)  # deterministic
+    assert torch.equal(warped.images[0], warped.images[1])  # one transformation per class
+    assert not torch.allclose(warped.images[0], warped.images[2], atol=1e-3)  # another for another class
+    assert not torch.allclose(warped.images[0], image[0], atol=1e-3)  # and it does change the image
+    test_split = ArrayDataset(image, torch.tensor([1]), split="test")
+    assert torch.equal(deformed(test_split, seed=3).images[0], warped.images[2])  # the same for every split
+    assert not torch.equal(deformed(data, seed=4).images, warped.images)
+    assert torch.equal(warped.labels, data.labels) and warped.name == "toy+deform"
+    with pytest.raises(ValueError, match="in-memory"):
+        deformed([(image[0], 0)], seed=0)
+
+
+def test_shards_split_the_runs_and_never_share_a_base_model():
+    from mipp.experiments.runner import shard_runs
+
+    runs = expand(SweepConfig(**{**TINY, "seeds": [0, 1, 2]}))
+    shards = [shard_runs(runs, i, 2) for i in range(2)]
+    assert sorted(r.run_id for s in shards for r in s) == sorted(r.run_id for r in runs)
+    owners = [{json.dumps(r.base_identity(), sort_keys=True) for r in s if r.regime == "trained"} for s in shards]
+    assert owners[0] and owners[1] and not owners[0] & owners[1]
