@@ -91,3 +91,13 @@ def test_reduce_sums_parameter_scores_per_unit():
     scores = {"features.0.weight": conv.weight.abs(), "features.0.bias": conv.bias.abs()}
     expected = conv.weight.abs().sum((1, 2, 3)) + conv.bias.abs()
     torch.testing.assert_close(group.reduce(scores).float(), expected.detach())
+
+
+def test_readers_of_one_tensor_give_one_reading_point():
+    from mipp.activations import reading_points
+
+    model = small_model("resnet18")
+    units = find_units(model)
+    points = [c.module_name for c in reading_points(model, units, inputs_for(model, 2))["layer3.0.shortcut.0"]]
+    # layer4.0.conv1 and layer4.0.shortcut.0 read the same tensor: its features must be captured once
+    assert points == ["layer3.1.conv1", "layer4.0.shortcut.0"]

@@ -83,29 +83,38 @@ def _unit_features(x: torch.Tensor, index: torch.Tensor, unit: torch.Tensor, n_u
     return summed / counts.view(1, -1, 1)
 
 
-def reading_points(model: nn.Module, units: UnitGraph, example_input: torch.Tensor) -> dict[str, list]:
-    """Per group, the (reader, coupling) pairs that read distinct tensors (readers of one tensor count once)."""
+def reader_inputs(model: nn.Module, reader_names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Input of every named reader on `batch` (forward pre-hooks, no gradients)."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for group in units.groups:
-        for coupling in group.coupled("in"):
-            module = model.get_submodule(coupling.module_name)
-            def remember(m, inputs, name=coupling.module_name):
-                seen.setdefault(name, inputs[0])  # returns None: the input is left alone
-
-            handles.append(module.register_forward_pre_hook(remember))
+    for name in reader_names:
+        def remember(module, inputs, name=name):
+            seen.setdefault(name, inputs[0].detach())  # returns None: the input is left alone
+        handles.append(model.get_submodule(name).register_forward_pre_hook(remember))
     try:
         with torch.no_grad():
-            model(example_input)
+            model(batch)
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two views of one tensor (detach() makes new objects over the same storage)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def reading_points(model: nn.Module, units: UnitGraph, example_input: torch.Tensor) -> dict[str, list]:
+    """Per group, the (reader, coupling) pairs that read distinct tensors (readers of one tensor count once)."""
+    readers = list(dict.fromkeys(c.module_name for g in units.groups for c in g.coupled("in")))
+    seen = reader_inputs(model, readers, example_input)
     points = {}
     for group in units.groups:
         distinct, tensors = [], []
         for coupling in group.coupled("in"):
             tensor = seen.get(coupling.module_name)
-            if tensor is None or any(tensor is t for t in tensors):
+            if tensor is None or any(_same_tensor(tensor, t) for t in tensors):
                 continue
             tensors.append(tensor)
             distinct.append(coupling)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mipp.activations import reader_inputs
 from mipp.methods import register
 from mipp.methods.base import Budget, PruneContext, plan_from_scores
 from mipp.methods.gradients import input_batches, model_device
@@ -109,23 +110,6 @@ def greedy_removal_order(gram: torch.Tensor, n_remove: int) -> list[int]:
         available[choice] = False
         cross += gram[choice]
     return order
-
-
-def reader_inputs(model: nn.Module, reader_names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Input of every named reader on `batch` (forward pre-hooks, no gradients)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in reader_names:
-        def remember(module, inputs, name=name):
-            seen.setdefault(name, inputs[0].detach())
-        handles.append(model.get_submodule(name).register_forward_pre_hook(remember))
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def thinet_orders(ctx: PruneContext, samples_per_input: int | None = 10, batch_size: int = 64
