@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mipp.plan import Plan
-from mipp.units import UnitGraph, build_dependency_graph, find_units
+from mipp.units import UnitGraph, find_units
 
 
 def plan_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -28,7 +28,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None 
     example_input = plan_input(model, plan, example_input)
     units = find_units(model, example_input)
     check_plan_matches(plan, units)
-    graph = build_dependency_graph(model, example_input)
+    graph = units.dependency_graph
     for key in plan.kept:
         removed = plan.removed(key)
         if not removed:

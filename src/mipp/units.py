@@ -73,6 +73,7 @@ class UnitGraph:
     output_modules: list[str]
     example_shape: tuple[int, ...]
     module_order: dict[str, int] = field(default_factory=dict)
+    dependency_graph: tp.DependencyGraph | None = field(default=None, repr=False)  # torch-pruning's, for surgery
 
     def __getitem__(self, key: str) -> UnitGroup:
         for group in self.groups:
@@ -152,7 +153,7 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None) -> U
             "layer; this model has none besides its output layer"
         )
     groups.sort(key=lambda g: (-g.position, g.key))
-    return UnitGraph(groups, outputs, tuple(example_input.shape), order)
+    return UnitGraph(groups, outputs, tuple(example_input.shape), order, graph)
 
 
 def _to_unit_group(tp_group, graph, names, order) -> UnitGroup | None:
