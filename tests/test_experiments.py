@@ -217,6 +217,30 @@ def test_win_loss_on_known_numbers(tmp_path):
     assert tally["magnitude", "units"] == (1, 1, 0) and tally["magnitude", "macs"] == (1, 0, 0)
     level = next(lv for lv in levels if lv["baseline"] == "magnitude" and lv["axis"] == "macs")
     assert level["level"] == pytest.approx(0.6) and level["baseline_accuracy"] == pytest.approx(0.5)
+    lead = {(c["baseline"], c["axis"]): c["mean_difference"] for c in counts}
+    assert lead["random", "units"] == pytest.approx((0.10 - 0.05) / 2) and lead["random", "macs"] == pytest.approx(-0.1)
+    assert lead["magnitude", "units"] == pytest.approx(0.1)
+    verdicts = {(c["baseline"], c["axis"]): report_module.verdict(c) for c in counts}
+    assert verdicts == {("random", "units"): "even", ("random", "macs"): "behind",
+                        ("magnitude", "units"): "ahead", ("magnitude", "macs"): "ahead"}
+    table = report_module.verdict_table(counts, ["pruned"])
+    assert "| m / d | trained | equal macs | right after pruning | magnitude 1/0/0 (+10.0) | random 0/0/1 (-10.0) |" \
+        in table
+
+
+def test_deformed_section_pairs_each_run_with_its_clean_twin(tmp_path):
+    store = ResultStore(tmp_path)
+    for data, accuracy in (("d", 0.8), ("d+deform", 0.6)):
+        for seed in (0, 1):
+            store.put({**fake_record("mipp", 0.5, seed, 0.5, 0.5, accuracy), "data": data,
+                       "run_id": f"{data}-{seed}"})
+    store.put({**fake_record("random", 0.5, 0, 0.5, 0.5, 0.7), "run_id": "clean-only"})  # no deformed twin
+    done, _, _ = report_module.load([tmp_path])
+    summary = report_module.summarize(report_module.run_rows(done, ["pruned"]), ["pruned"])
+    rows = report_module.deformed_rows(summary, ["pruned"])
+    assert len(rows) == 1 and rows[0]["method"] == "mipp"
+    assert rows[0]["clean_pruned"] == pytest.approx(0.8) and rows[0]["deformed_pruned"] == pytest.approx(0.6)
+    assert "80.0 -> 60.0 (-20.0)" in report_module.deformed_section(rows)
 
 
 def test_deform_is_fixed_per_class_and_differs_between_classes():

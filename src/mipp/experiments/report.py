@@ -130,18 +130,20 @@ def win_loss(summary, stages, reference: str = "mipp", tie: float = 0.002) -> tu
                     base_x, base_y = _curve(methods[baseline], axis, stage)
                     if not len(ref_x):
                         continue  # no budget of this length in this regime
-                    tally = {"win": 0, "tie": 0, "loss": 0}
+                    tally, differences = {"win": 0, "tie": 0, "loss": 0}, []
                     for x, y in zip(ref_x, ref_y):
                         if not len(base_x) or not base_x[0] - SLACK <= x <= base_x[-1] + SLACK:
                             continue
                         other = float(np.interp(x, base_x, base_y))
                         outcome = "win" if y - other > tie else "loss" if other - y > tie else "tie"
                         tally[outcome] += 1
+                        differences.append(y - other)
                         levels.append({"model": model, "data": data, "regime": regime, "baseline": baseline,
                                        "axis": axis, "stage": stage, "level": x, "reference_accuracy": y,
                                        "baseline_accuracy": other, "difference": y - other, "outcome": outcome})
                     counts.append({"model": model, "data": data, "regime": regime, "baseline": baseline,
-                                   "axis": axis, "stage": stage, **tally})
+                                   "axis": axis, "stage": stage, **tally,
+                                   "mean_difference": float(np.mean(differences)) if differences else math.nan})
     return levels, counts
 
 
@@ -191,12 +193,89 @@ def pivot(entries, cell) -> str:
 def count_table(counts, stages) -> str:
     cells = defaultdict(dict)
     for c in counts:
-        cells[c["regime"], c["baseline"]][c["axis"], c["stage"]] = f"{c['win']}/{c['tie']}/{c['loss']}"
+        cells[c["regime"], c["baseline"]][c["axis"], c["stage"]] = _tally(c)
     stages = [s for s in stages if any(c["stage"] == s for c in counts)]
     header = ["regime", "baseline"] + [f"{axis} {stage}" for axis in AXES for stage in stages]
     rows = [[regime, baseline] + [cell.get((a, s), "") for a in AXES for s in stages]
             for (regime, baseline), cell in sorted(cells.items())]
     return markdown(header, rows)
+
+
+def _tally(count: dict) -> str:
+    """"w/t/l (+d)": wins, ties, losses and MIPP's mean lead in points over the compared levels."""
+    text = f"{count['win']}/{count['tie']}/{count['loss']}"
+    difference = count.get("mean_difference", math.nan)
+    return text if math.isnan(difference) else f"{text} ({100 * difference:+.1f})"
+
+
+def verdict(count: dict) -> str:
+    """ahead | behind | even | none: MIPP against one baseline on one axis and stage, by its wins and losses."""
+    if count["win"] + count["tie"] + count["loss"] == 0:
+        return "none"
+    return "ahead" if count["win"] > count["loss"] else "behind" if count["loss"] > count["win"] else "even"
+
+
+def verdict_table(counts, stages) -> str:
+    """One row per model, data, regime, axis and stage (right after pruning and the largest budget): the baselines
+    MIPP is ahead of, behind, and even with, each with its mean lead in points and its wins/ties/losses."""
+    groups = defaultdict(list)
+    for c in counts:
+        groups[c["model"], c["data"], c["regime"], c["axis"], c["stage"]].append(c)
+    rows = []
+    for (model, data, regime, axis, stage), members in sorted(groups.items(), key=lambda kv: (
+            kv[0][:4], stages.index(kv[0][4]))):
+        mine = sorted({c["stage"] for c in counts if (c["model"], c["data"], c["regime"]) == (model, data, regime)},
+                      key=stages.index)
+        if stage not in (mine[0], mine[-1]):
+            continue
+        by = defaultdict(list)
+        for c in sorted(members, key=lambda c: -np.nan_to_num(c.get("mean_difference", math.nan))):
+            by[verdict(c)].append(f"{c['baseline']} {_tally(c)}")
+        rows.append([f"{model} / {data}", regime, "equal " + axis, _stage_words(stage)] +
+                    [", ".join(by[v]) or "-" for v in ("ahead", "behind", "even")] + [str(len(by["none"]))])
+    return markdown(["model / data", "regime", "axis", "stage", "MIPP ahead of", "MIPP behind", "even",
+                     "not comparable"], rows)
+
+
+def deformed_rows(summary, stages) -> list[dict]:
+    """Accuracy on deformed data minus accuracy on the same data undeformed, per model, regime, method and target
+    (the paper's Fig. 5: pruning at initialisation should suffer, pruning after training should not)."""
+    clean = {(e["model"], e["data"], e["regime"], e["method"], e["target"]): e for e in summary}
+    out = []
+    for e in summary:
+        if not e["data"].endswith("+deform"):
+            continue
+        other = clean.get((e["model"], e["data"][: -len("+deform")], e["regime"], e["method"], e["target"]))
+        if other is None:
+            continue
+        mine = present([e], stages)
+        row = {k: e[k] for k in ("model", "data", "regime", "method", "target")}
+        for stage in (mine[0], mine[-1]):
+            row[f"clean_{stage}"], row[f"deformed_{stage}"] = other[f"acc_{stage}"], e[f"acc_{stage}"]
+        row["stages"] = (mine[0], mine[-1])
+        out.append(row)
+    return out
+
+
+def deformed_section(rows) -> str:
+    """Per regime and method: mean accuracy change (deformed - clean, points) over the shared targets."""
+    if not rows:
+        return ""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["model"], r["regime"], r["method"]].append(r)
+    table = []
+    for (model, regime, method), members in sorted(groups.items()):
+        first, last = members[0]["stages"]
+        cells = []
+        for stage in (first, last):
+            clean = np.mean([m[f"clean_{stage}"] for m in members])
+            deformed = np.mean([m[f"deformed_{stage}"] for m in members])
+            cells.append(f"{100 * clean:.1f} -> {100 * deformed:.1f} ({100 * (deformed - clean):+.1f})")
+        table.append([model, regime, method, len(members)] + cells)
+    return ("\n## Deformed data\n\nMean test accuracy over the targets both studies share, clean -> deformed "
+            "(change in points), right after pruning and after the largest budget of the regime.\n\n" +
+            markdown(["model", "regime", "method", "targets", "right after pruning", "after fine-tuning"], table))
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -388,9 +467,9 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
     rows = run_rows(done, stages)
     summary = summarize(rows, stages)
     levels, counts = win_loss(summary, stages, reference, tie)
-    cost, planted = selection_cost(rows), planted_rows(done)
+    cost, planted, deformed = selection_cost(rows), planted_rows(done), deformed_rows(summary, stages)
     tables = {"runs": rows, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
-              "planted": planted}
+              "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed]}
     for name, table in tables.items():
         if table:
             write_csv(out / "tables" / f"{name}.csv", table)
@@ -399,6 +478,12 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
           "pruning, then after each fine-tuning budget (init: training the net pruned at initialisation). "
           f"Win/tie/loss: MIPP (`{reference}`) against each baseline, tie within {100 * tie:g} points (see "
           "mipp.experiments.report).\n", _commands(sweeps, done)]
+    if counts:
+        md.append("\n## Where MIPP wins and where it loses\n\nPer model, regime and axis, right after pruning and "
+                  "after the largest fine-tuning budget: the baselines MIPP is ahead of (more wins than losses over "
+                  "the compared sparsity levels), behind, or even with; each with wins/ties/losses and MIPP's mean "
+                  "lead in accuracy points. Not comparable: baselines whose range of units or MACs removed does not "
+                  "reach any of MIPP's levels.\n\n" + verdict_table(counts, stages))
     figures = []
     for model, data in sorted({(r["model"], r["data"]) for r in rows}):
         slug = f"{model}_{data}".replace("/", "_").replace("@", "w").replace("+", "_")
@@ -443,6 +528,7 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
                         f"{p['dead_removed']:.2f}", f"{p['relations_resolved']:.2f}", f"{p['unique_kept']:.2f}",
                         pct(p["units_removed"])]
                        for p in planted]))
+    md.append(deformed_section(deformed))
     md.append(_skipped(other))
     atomic_write_text(out / "results.md", "".join(md))
     return {"out": str(out), "report": str(out / "results.md"), "runs": len(done), "skipped_or_failed": len(other),
