@@ -2,6 +2,7 @@
 regimes, fine-tuning 0 and 1 epoch) runs, is skipped when rerun, and gives the same records when interrupted (between
 runs, inside base training, inside a run) and resumed; the report writes its tables and figures; win/loss on known
 numbers; the deform wrapper."""
+import csv
 import json
 
 import pytest
@@ -164,7 +165,8 @@ def test_report_writes_tables_and_figures(full_sweep, tmp_path):
     assert len(rows) == N_RUNS + 1 and "acc_ft1" in rows[0]
     summary = (out / "tables" / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 2 * 2 * 2  # regimes x methods x targets, each over 2 seeds
-    assert all(line.split(",")[5] == "2" for line in summary[1:])
+    with open(out / "tables" / "summary.csv") as handle:
+        assert all(row["n"] == "2" for row in csv.DictReader(handle))
     text = (out / "results.md").read_text()
     assert "## mlp on synthetic" in text and "| mipp |" in text and "| random |" in text
     assert "MIPP against each baseline" in text and "mipp sweep --config" in text
@@ -226,6 +228,23 @@ def test_win_loss_on_known_numbers(tmp_path):
     table = report_module.verdict_table(counts, ["pruned"])
     assert "| m / d | trained | equal macs | right after pruning | magnitude 1/0/0 (+10.0) | random 0/0/1 (-10.0) |" \
         in table
+
+
+def test_targets_of_different_metrics_stay_apart_in_tables_and_share_the_curves(tmp_path):
+    store = ResultStore(tmp_path)
+    store.put(fake_record("mipp", 0.5, 0, 0.5, 0.8, 0.6))
+    store.put({**fake_record("mipp", 0.5, 0, 0.3, 0.5, 0.8), "metric": "macs", "run_id": "macs"})
+    store.put(fake_record("random", 0.5, 0, 0.5, 0.5, 0.7))
+    done, _, _ = report_module.load([tmp_path])
+    summary = report_module.summarize(report_module.run_rows(done, ["pruned"]), ["pruned"])
+    assert sorted((e["method"], e["metric"]) for e in summary) == [("mipp", "macs"), ("mipp", "units"),
+                                                                   ("random", "units")]
+    table = report_module.pivot([e for e in summary if e["method"] == "mipp"], lambda e: report_module.pct(e["acc_pruned"]))
+    assert "| method | 50% | 50% MACs |" in table and "| mipp | 60.0 | 80.0 |" in table
+    _, counts = report_module.win_loss(summary, ["pruned"])
+    tally = {c["axis"]: (c["win"], c["tie"], c["loss"]) for c in counts}
+    # equal MACs: random's only point is 50% MACs, where MIPP's MACs run has 80.0 against 70.0
+    assert tally["macs"] == (1, 0, 0) and tally["units"] == (0, 0, 1)
 
 
 def test_deformed_section_pairs_each_run_with_its_clean_twin(tmp_path):

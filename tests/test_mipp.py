@@ -97,3 +97,24 @@ def test_clear_errors_for_bad_input():
         find_units(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="unknown pruning method"):
         select_plan(model, data, method="nope", budget=0.5)
+
+
+def test_pool_grid_reaches_linear_readers_of_flattened_maps():
+    """pool=2 gives every conv channel 2x2 grid features, also where a Linear reads the flattened map (LeNet-5's
+    last conv, read by classifier.0): the grid equals adaptive pooling of the map the Linear reads."""
+    import torch.nn.functional as F
+
+    from mipp.activations import capture
+    from mipp.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", num_classes=10, in_channels=1, input_size=28).eval()
+    x = torch.randn(64, 1, 28, 28)
+    units = find_units(model, x[:2])
+    mean, grid = (capture(model, units, x, n_samples=64, pool=pool, seed=0) for pool in (None, 2))
+    assert grid.units["features.3"].shape == (64, 16, 4) and mean.units["features.3"].shape == (64, 16, 1)
+    with torch.no_grad():
+        maps = model.features(x)  # (64, 16, 5, 5): what classifier.0 reads, flattened
+    assert torch.allclose(grid.units["features.3"], F.adaptive_avg_pool2d(maps, 2).flatten(2), atol=1e-6)
+    assert torch.allclose(mean.units["features.3"][..., 0], maps.mean((2, 3)), atol=1e-6)
+    assert grid.units["classifier.0"].shape == (64, 120, 1)  # neurons stay single features

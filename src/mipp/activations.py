@@ -7,6 +7,8 @@ block), the unit's features from each point are concatenated: removing the unit 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +77,31 @@ def _pool(x: torch.Tensor, pool: int | None) -> torch.Tensor:
 
 def _unit_features(x: torch.Tensor, index: torch.Tensor, unit: torch.Tensor, n_units: int, pool) -> torch.Tensor:
     """Features of each unit read by one reader: (N, n_units, f). Linear readers after a flatten average the
-    several input features that belong to one unit (the spatial positions of a channel)."""
-    pooled = _pool(x.detach().float(), pool)[:, index]  # (N, k, f)
+    several input features that belong to one unit (the spatial positions of a channel); with a pool grid, a
+    channel's positions that form a square map are pooled to the same grid as a conv reader's."""
+    x = x.detach().float()
+    grid = _flattened_grid(x, index, unit, n_units, pool)
+    if grid is not None:
+        return grid
+    pooled = _pool(x, pool)[:, index]  # (N, k, f)
     counts = torch.bincount(unit, minlength=n_units).clamp_min(1).to(pooled.dtype)
     summed = torch.zeros(pooled.shape[0], n_units, pooled.shape[2], dtype=pooled.dtype, device=pooled.device)
     summed.index_add_(1, unit.to(pooled.device), pooled)
     return summed / counts.view(1, -1, 1)
+
+
+def _flattened_grid(x, index, unit, n_units: int, pool) -> torch.Tensor | None:
+    """(N, n_units, pool*pool) for a Linear reading flattened square maps (each unit s*s positions in row-major
+    order, as nn.Flatten lays out (C, s, s)); None when pooling is off or the positions do not form such maps."""
+    if pool is None or x.dim() != 2:
+        return None
+    counts = torch.bincount(unit, minlength=n_units)
+    side = math.isqrt(int(counts[0]))
+    if side < pool or side * side != int(counts[0]) or not bool((counts == counts[0]).all()):
+        return None
+    order = torch.argsort(unit, stable=True)  # each unit's positions together, in their flattened order
+    maps = x[:, index[order].to(x.device)].reshape(x.shape[0], n_units, side, side)
+    return F.adaptive_avg_pool2d(maps, pool).flatten(2)
 
 
 def reader_inputs(model: nn.Module, reader_names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:

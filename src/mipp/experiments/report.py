@@ -31,6 +31,7 @@ from mipp.checkpoint import atomic_write_text
 from mipp.experiments.store import ResultStore
 
 AXES = ("units", "macs")
+_METRIC_WORDS = {"units": "units", "params": "params", "macs": "MACs"}
 SLACK = 0.01  # a level up to 1% of the network outside a baseline's range still compares with its end point
 
 
@@ -63,7 +64,8 @@ def accuracy(record: dict, stage: str, key: str = "test_accuracy") -> float:
 def run_rows(records, stages) -> list[dict]:
     rows = []
     for r in records:
-        row = {k: r[k] for k in ("run_id", "model", "data", "regime", "method", "method_name", "target", "seed")}
+        row = {k: r[k] for k in ("run_id", "model", "data", "regime", "method", "method_name", "metric", "target",
+                                       "seed")}
         row.update({f"{m}_removed": r["removed"][m] for m in ("units", "params", "macs")})
         row["base_accuracy"] = r["base"]["test_accuracy"]
         for stage in stages:
@@ -82,7 +84,7 @@ def present(entries, stages) -> list[str]:
 
 
 def _key(row) -> tuple:
-    return row["model"], row["data"], row["regime"], row["method"], row["target"]
+    return row["model"], row["data"], row["regime"], row["method"], row["metric"], row["target"]
 
 
 def _target_order(target) -> float:
@@ -95,9 +97,9 @@ def summarize(rows, stages) -> list[dict]:
     for row in rows:
         groups[_key(row)].append(row)
     out = []
-    for key in sorted(groups, key=lambda k: k[:4] + (_target_order(k[4]),)):
+    for key in sorted(groups, key=lambda k: k[:5] + (_target_order(k[5]),)):
         members = groups[key]
-        entry = dict(zip(("model", "data", "regime", "method", "target"), key), n=len(members),
+        entry = dict(zip(("model", "data", "regime", "method", "metric", "target"), key), n=len(members),
                      method_name=members[0]["method_name"])
         for column in ["units_removed", "params_removed", "macs_removed"] + [f"acc_{s}" for s in stages]:
             values = np.array([m[column] for m in members], dtype=float)
@@ -177,17 +179,23 @@ def pct(mean: float, std: float = math.nan) -> str:
     return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" ± {100 * std:.1f}")
 
 
+def column_name(metric: str, target) -> str:
+    """A target's column: "70%" of units, "70% MACs" of another metric."""
+    return target_name(target) + ("" if metric == "units" or target is None else f" {_METRIC_WORDS[metric]}")
+
+
 def target_name(target) -> str:
     return "auto" if target is None else f"{100 * target:g}%"
 
 
 def pivot(entries, cell) -> str:
     """Methods (rows) x targets (columns) of one model, data set and regime."""
-    targets = sorted({e["target"] for e in entries}, key=_target_order)
+    targets = sorted({(e["metric"], e["target"]) for e in entries},
+                     key=lambda mt: (mt[1] is None, mt[0] != "units", mt[0], _target_order(mt[1])))
     methods = sorted({e["method"] for e in entries}, key=lambda m: (not m.startswith("mipp"), m))
-    table = {(e["method"], e["target"]): e for e in entries}
+    table = {(e["method"], (e["metric"], e["target"])): e for e in entries}
     rows = [[m] + [cell(table[m, t]) if (m, t) in table else "" for t in targets] for m in methods]
-    return markdown(["method"] + [target_name(t) for t in targets], rows)
+    return markdown(["method"] + [column_name(*mt) for mt in targets], rows)
 
 
 def count_table(counts, stages) -> str:
@@ -240,16 +248,17 @@ def verdict_table(counts, stages) -> str:
 def deformed_rows(summary, stages) -> list[dict]:
     """Accuracy on deformed data minus accuracy on the same data undeformed, per model, regime, method and target
     (the paper's Fig. 5: pruning at initialisation should suffer, pruning after training should not)."""
-    clean = {(e["model"], e["data"], e["regime"], e["method"], e["target"]): e for e in summary}
+    clean = {(e["model"], e["data"], e["regime"], e["method"], e["metric"], e["target"]): e for e in summary}
     out = []
     for e in summary:
         if not e["data"].endswith("+deform"):
             continue
-        other = clean.get((e["model"], e["data"][: -len("+deform")], e["regime"], e["method"], e["target"]))
+        other = clean.get((e["model"], e["data"][: -len("+deform")], e["regime"], e["method"], e["metric"],
+                           e["target"]))
         if other is None:
             continue
         mine = present([e], stages)
-        row = {k: e[k] for k in ("model", "data", "regime", "method", "target")}
+        row = {k: e[k] for k in ("model", "data", "regime", "method", "metric", "target")}
         for stage in (mine[0], mine[-1]):
             row[f"clean_{stage}"], row[f"deformed_{stage}"] = other[f"acc_{stage}"], e[f"acc_{stage}"]
         row["stages"] = (mine[0], mine[-1])
@@ -305,8 +314,9 @@ def _looks(methods) -> dict:
     return looks
 
 
-def plot_accuracy(summary, stages, base, path: Path) -> None:
-    """Rows: regimes; columns: right after pruning and after the regime's largest budget. Bands: ± one std."""
+def plot_accuracy(summary, stages, base, path: Path, axis: str = "units") -> None:
+    """Rows: regimes; columns: right after pruning and after the regime's largest budget; x: the fraction of `axis`
+    (units or MACs) removed. Bands: ± one std."""
     plt = _pyplot()
     regimes = sorted({e["regime"] for e in summary})
     looks = _looks({e["method"] for e in summary})
@@ -316,7 +326,7 @@ def plot_accuracy(summary, stages, base, path: Path) -> None:
         for j, stage in enumerate([mine[0], mine[-1]]):
             ax = axes[i][j]
             for method in sorted({e["method"] for e in summary}):
-                pts = sorted((e["units_removed"], e[f"acc_{stage}"], e[f"acc_{stage}_std"]) for e in summary
+                pts = sorted((e[f"{axis}_removed"], e[f"acc_{stage}"], e[f"acc_{stage}_std"]) for e in summary
                              if e["regime"] == regime and e["method"] == method and not math.isnan(e[f"acc_{stage}"]))
                 if not pts:
                     continue
@@ -328,7 +338,7 @@ def plot_accuracy(summary, stages, base, path: Path) -> None:
                 ax.axhline(100 * base, color="grey", linestyle="--", linewidth=1, label="unpruned")
             ax.set_title(f"{regime}: {'right after pruning' if stage == 'pruned' else f'after {stage[2:]} epoch(s)'}")
             ax.set_ylabel("test accuracy (%)")
-            ax.set_xlabel("units removed (%)")
+            ax.set_xlabel(f"{'MACs' if axis == 'macs' else axis} removed (%)")
     axes[0][-1].legend(fontsize=7, ncol=2)
     _save(fig, path)
 
@@ -368,16 +378,19 @@ def plot_layers(records, target: float, path: Path) -> dict:
         mine = [r for r in records if r["regime"] == regime and r["target"] is not None]
         if not mine:
             continue
-        chosen[regime] = min({r["target"] for r in mine}, key=lambda t: (abs(t - target), t))
+        metrics = [r["metric"] for r in mine]
+        metric = max(sorted(set(metrics)), key=metrics.count)  # the sweep's main metric
+        mine = [r for r in mine if r["metric"] == metric]
+        chosen[regime] = (metric, min({r["target"] for r in mine}, key=lambda t: (abs(t - target), t)))
         layers = mine[0]["layers"]
         for method in sorted({r["method"] for r in mine}):
-            runs = [r for r in mine if r["method"] == method and r["target"] == chosen[regime]]
+            runs = [r for r in mine if r["method"] == method and r["target"] == chosen[regime][1]]
             ratios = [[r["kept_fraction"][k] / (1 - r["removed"]["units"]) for k in layers] for r in runs]
             if ratios:
                 ax.plot(range(len(layers)), np.mean(ratios, 0), label=method, **looks[method])
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6, ha="right")
-        ax.set_title(f"{regime}, {target_name(chosen[regime])} of {mine[0]['metric']} removed")
+        ax.set_title(f"{regime}, {target_name(chosen[regime][1])} of {metric} removed")
         ax.set_ylabel("kept fraction / network's")
     axes[0][-1].legend(fontsize=7, ncol=2)
     _save(fig, path)
@@ -394,11 +407,11 @@ def plot_finetune(summary, stages, targets: dict, path: Path) -> None:
         mine = present([e for e in summary if e["regime"] == regime], stages)
         epochs = [0 if s == "pruned" else int(s[2:]) for s in mine]
         for e in summary:
-            if e["regime"] == regime and e["target"] == targets[regime]:
+            if e["regime"] == regime and (e["metric"], e["target"]) == targets[regime]:
                 y = np.array([100 * e[f"acc_{s}"] for s in mine])
                 s = np.nan_to_num(np.array([100 * e[f"acc_{s}_std"] for s in mine]))
                 ax.errorbar(epochs, y, yerr=s, capsize=2, label=e["method"], **looks[e["method"]])
-        ax.set_title(f"{regime}, {target_name(targets[regime])} removed")
+        ax.set_title(f"{regime}, {target_name(targets[regime][1])} of {targets[regime][0]} removed")
         ax.set_xlabel("fine-tuning epochs (0: right after pruning)")
         ax.set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=7, ncol=2)
@@ -505,9 +518,11 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
         if mine:
             md.append("\n**MIPP against each baseline: wins/ties/losses at equal units and at equal MACs**\n\n")
             md.append(count_table(mine, stages))
-        names = {"accuracy": f"accuracy_{slug}.png", "collapse": f"collapse_{slug}.png",
+        names = {"accuracy": f"accuracy_{slug}.png", "accuracy at equal MACs": f"accuracy_macs_{slug}.png",
+                 "collapse": f"collapse_{slug}.png",
                  "layers": f"layers_{slug}.png", "finetune": f"finetune_{slug}.png"}
         plot_accuracy(part, stages, base, out / "figures" / names["accuracy"])
+        plot_accuracy(part, stages, base, out / "figures" / names["accuracy at equal MACs"], axis="macs")
         plot_collapse(part_rows, out / "figures" / names["collapse"])
         chosen = plot_layers(part_records, layer_target, out / "figures" / names["layers"])
         plot_finetune(part, stages, chosen, out / "figures" / names["finetune"])
