@@ -4,6 +4,7 @@ runs, inside base training, inside a run) and resumed; the report writes its tab
 numbers; the deform wrapper."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,17 @@ def test_shards_split_the_runs_and_never_share_a_base_model():
     assert sorted(r.run_id for s in shards for r in s) == sorted(r.run_id for r in runs)
     owners = [{json.dumps(r.base_identity(), sort_keys=True) for r in s if r.regime == "trained"} for s in shards]
     assert owners[0] and owners[1] and not owners[0] & owners[1]
+
+
+def test_committed_result_stores_are_not_git_ignored():
+    """Run records under results/<store>/runs are committed; an ignore rule for runs/ once swallowed them all."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs git and a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/some-store/runs/0123abcd.json"], cwd=root)
+    assert ignored.returncode == 1, "results/*/runs/*.json is git-ignored: run records would never be committed"
+    top_level = subprocess.run(["git", "check-ignore", "-q", "runs/demo/model.pt"], cwd=root)
+    assert top_level.returncode == 0
