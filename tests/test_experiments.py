@@ -153,6 +153,20 @@ def test_run_ids_are_stable_and_ignore_budgets_paths_and_device():
         expand(SweepConfig(**{**TINY, "methods": ["nope"]}))
 
 
+def test_figure_legend_names_methods_drawn_in_one_panel_only():
+    """Trained-only baselines (Taylor, ThiNet) appear only in the lower panels: the legend must still name them."""
+    plt = report_module._pyplot()
+    fig, axes = plt.subplots(2, 2, squeeze=False)
+    axes[0][0].plot([0, 1], [0, 1], label="synflow")
+    axes[0][1].plot([0, 1], [0, 1], label="mipp")
+    axes[1][1].plot([0, 1], [1, 0], label="taylor")
+    axes[1][0].plot([0, 1], [1, 0], label="mipp")
+    assert list(report_module.figure_legend_entries(axes)) == ["synflow", "mipp", "taylor"]
+    report_module._legend(fig, axes)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["synflow", "mipp", "taylor"]
+    plt.close(fig)
+
+
 def test_report_writes_tables_and_figures(full_sweep, tmp_path):
     from mipp.cli import main
 

@@ -339,7 +339,7 @@ def plot_accuracy(summary, stages, base, path: Path, axis: str = "units") -> Non
             ax.set_title(f"{regime}: {'right after pruning' if stage == 'pruned' else f'after {stage[2:]} epoch(s)'}")
             ax.set_ylabel("test accuracy (%)")
             ax.set_xlabel(f"{'MACs' if axis == 'macs' else axis} removed (%)")
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    _legend(fig, axes)
     _save(fig, path)
 
 
@@ -363,7 +363,7 @@ def plot_collapse(rows, path: Path) -> None:
         ax.set_xlabel("units removed (%, 5% bins)")
         ax.set_ylabel("share of runs (%)")
         ax.set_ylim(-3, 103)
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    _legend(fig, axes)
     _save(fig, path)
 
 
@@ -392,7 +392,7 @@ def plot_layers(records, target: float, path: Path) -> dict:
         ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6, ha="right")
         ax.set_title(f"{regime}, {target_name(chosen[regime][1])} of {metric} removed")
         ax.set_ylabel("kept fraction / network's")
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    _legend(fig, axes)
     _save(fig, path)
     return chosen
 
@@ -414,7 +414,7 @@ def plot_finetune(summary, stages, targets: dict, path: Path) -> None:
         ax.set_title(f"{regime}, {target_name(targets[regime][1])} of {targets[regime][0]} removed")
         ax.set_xlabel("fine-tuning epochs (0: right after pruning)")
         ax.set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    _legend(fig, axes)
     _save(fig, path)
 
 
@@ -435,10 +435,28 @@ def plot_cost(cost, path: Path) -> None:
     _save(fig, path)
 
 
+def figure_legend_entries(axes) -> dict:
+    """Label -> handle over every panel, first seen first: a method drawn in one regime only (Taylor after
+    training, SynFlow at initialisation) must still be named."""
+    entries = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return entries
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the whole figure, to the right of the panels."""
+    entries = figure_legend_entries(axes)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   ncol=1 if len(entries) <= 16 else 2)
+
+
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps the legend outside the panels in the image
     _pyplot().close(fig)
 
 
