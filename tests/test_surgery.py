@@ -7,7 +7,7 @@ import torch
 from conftest import inputs_for, small_model
 from mipp.measure import CostModel, count_macs, count_params
 from mipp.plan import Plan
-from mipp.surgery import mask_model
+from mipp.surgery import apply_plan, mask_model
 from mipp.units import find_units
 
 
@@ -33,9 +33,9 @@ def test_pruned_model_equals_masked_original_and_costs_fall_as_predicted(model_n
     x = inputs_for(model, 4)
     units = find_units(model, x)
     plan = random_plan(units, x)
-    cost = CostModel.build(model, units, x)
+    cost = CostModel.build(model, units)
     params, macs = cost.predict(plan.kept)
-    pruned = plan.apply(copy.deepcopy(model))
+    pruned = apply_plan(copy.deepcopy(model), plan)
     masked = mask_model(copy.deepcopy(model), plan, units)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
@@ -59,11 +59,11 @@ def test_plan_json_round_trip_rebuilds_identical_model(tmp_path):
     model = small_model("resnet18")
     x = inputs_for(model, 2)
     plan = random_plan(find_units(model, x), x, seed=3)
-    pruned = plan.apply(copy.deepcopy(model))
+    pruned = apply_plan(copy.deepcopy(model), plan)
     plan.save(tmp_path / "plan.json")
     loaded = Plan.load(tmp_path / "plan.json")
     assert loaded.kept == plan.kept and loaded.sizes == plan.sizes
-    rebuilt = loaded.apply(small_model("resnet18", seed=99))  # other weights, same architecture
+    rebuilt = apply_plan(small_model("resnet18", seed=99), loaded)  # other weights, same architecture
     rebuilt.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), pruned(x), rtol=0, atol=0)
@@ -80,7 +80,7 @@ def test_plan_rejects_empty_groups_and_foreign_models():
         Plan(kept={**kept, "features.0": [99]}, sizes=sizes, method="x")
     plan = Plan(kept=kept, sizes=sizes, method="x")
     with pytest.raises(ValueError, match="does not have"):
-        plan.apply(small_model("mlp"))
+        apply_plan(small_model("mlp"), plan)
 
 
 def test_reduce_sums_parameter_scores_per_unit():
@@ -94,10 +94,8 @@ def test_reduce_sums_parameter_scores_per_unit():
 
 
 def test_readers_of_one_tensor_give_one_reading_point():
-    from mipp.activations import reading_points
-
     model = small_model("resnet18")
     units = find_units(model)
-    points = [c.module_name for c in reading_points(model, units, inputs_for(model, 2))["layer3.0.shortcut.0"]]
+    points = [c.module_name for c in units.reading_points["layer3.0.shortcut.0"]]
     # layer4.0.conv1 and layer4.0.shortcut.0 read the same tensor: its features must be captured once
     assert points == ["layer3.1.conv1", "layer4.0.shortcut.0"]

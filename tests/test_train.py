@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from mipp.checkpoint import (CheckpointError, atomic_open, atomic_torch_save, load_model, read_record,
-                             save_model)
+from mipp.checkpoint import CheckpointError, load_model, read_record, save_model
+from mipp.io import atomic_open, atomic_torch_save
 from mipp.train import TrainConfig, epoch_batches, evaluate, fit, flip_crop, lr_factor, steps_per_epoch
 
 
@@ -241,7 +241,7 @@ def test_writer_killed_mid_write_leaves_the_old_file(tmp_path):
     path.write_text("old and complete")
     script = textwrap.dedent(f"""
         import os
-        from mipp.checkpoint import atomic_open
+        from mipp.io import atomic_open
         with atomic_open({str(path)!r}, "w") as handle:
             handle.write("new but ")
             handle.flush()
@@ -269,11 +269,12 @@ def test_save_and_load_model_round_trip(tmp_path):
     assert same_weights(model, loaded) and not loaded.training
     assert record["format"] == "mipp-model/1" and record["metrics"] == {"accuracy": 0.5}
     assert record["extra"] == {"note": ["a", 1]} and record["plan"] is None
-    assert set(record["versions"]) == {"mipp", "torch"}
+    assert set(record["versions"]) == {"mipp", "torch", "python"}
 
 
 def test_save_and_load_pruned_model_through_its_plan(tmp_path):
     from mipp.plan import Plan
+    from mipp.surgery import apply_plan
     from mipp.units import find_units
 
     model = small_mlp()
@@ -281,7 +282,7 @@ def test_save_and_load_pruned_model_through_its_plan(tmp_path):
     units = find_units(model, x)
     plan = Plan(kept={g.key: list(range(0, g.size, 2)) for g in units.groups},
                 sizes={g.key: g.size for g in units.groups}, method="test", example_shape=list(x.shape))
-    pruned = plan.apply(model).eval()
+    pruned = apply_plan(model, plan).eval()
     save_model(tmp_path / "pruned.pt", pruned, plan=plan)
     loaded, record = load_model(tmp_path / "pruned.pt")
     assert record["plan"]["kept"] == plan.kept

@@ -121,51 +121,28 @@ def reader_inputs(model: nn.Module, reader_names: list[str], batch: torch.Tensor
     return seen
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Two views of one tensor (detach() makes new objects over the same storage)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
-def reading_points(model: nn.Module, units: UnitGraph, example_input: torch.Tensor) -> dict[str, list]:
-    """Per group, the (reader, coupling) pairs that read distinct tensors (readers of one tensor count once)."""
-    readers = list(dict.fromkeys(c.module_name for g in units.groups for c in g.coupled("in")))
-    seen = reader_inputs(model, readers, example_input)
-    points = {}
-    for group in units.groups:
-        distinct, tensors = [], []
-        for coupling in group.coupled("in"):
-            tensor = seen.get(coupling.module_name)
-            if tensor is None or any(_same_tensor(tensor, t) for t in tensors):
-                continue
-            tensors.append(tensor)
-            distinct.append(coupling)
-        points[group.key] = distinct
-    return points
-
-
 def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, pool: int | None = None,
             batch_size: int = 256, seed: int = 0, device: str | torch.device | None = None) -> Activations:
-    """Run the calibration data through `model` (eval mode) and collect every unit's activations."""
+    """Run the calibration data through `model` (eval mode) and collect every unit's activations at the reading
+    points that `units` recorded when the model was traced."""
     device = torch.device(device or next(model.parameters()).device)
-    points = None
+    points = units.reading_points
     collected: dict[str, list[torch.Tensor]] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
-    handles = []
     was_training = model.training
     model.eval()
+    handles = _register(model, units, points, pool, collected, outputs)
     try:
+        n_batches = 0
         for batch in calibration_batches(data, n_samples, batch_size, seed):
-            batch = batch.to(device)
-            if points is None:
-                points = reading_points(model, units, batch[:2])
-                handles = _register(model, units, points, pool, collected, outputs)
             with torch.no_grad():
-                model(batch)
+                model(batch.to(device))
+            n_batches += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if points is None:
+    if n_batches == 0:
         raise ValueError("the calibration data is empty: pass at least a few hundred samples")
     acts = Activations(
         {key: torch.cat([torch.cat(parts, 2) for parts in _by_batch(v, len(points[key]))], 0)

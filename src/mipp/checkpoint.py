@@ -1,24 +1,24 @@
-"""Saving and loading models and training state, always atomically.
+"""Model files and checkpoint records: saved atomically, read back with a check of their format.
 
 A model file is a plain dict of tensors and JSON-able values (``format: mipp-model/1``): the architecture is rebuilt
 from ``model_config`` with :func:`mipp.models.build_model`, a pruning ``plan`` (if any) shrinks it, and only then the
 state dict is loaded.  Nothing is pickled as a class, so files load with ``torch.load(weights_only=True)``.
-
-Every file is written through :func:`atomic_open`: a temporary file in the same folder, flushed and fsync'ed, then
-``os.replace``'d over the target.  A writer that dies mid-way leaves the previous file intact, never a partial one.
-The training loop (:mod:`mipp.train`) uses the same helpers for its resumable checkpoints.
+Writes go through :mod:`mipp.io`; the training loop (:mod:`mipp.train`) reads its resumable checkpoints with
+:func:`read_record`.
 """
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+
+from mipp.io import atomic_torch_save, versions
+from mipp.models import build_model
+from mipp.plan import Plan
+from mipp.surgery import apply_plan
 
 MODEL_FORMAT = "mipp-model/1"
 TRAIN_STATE_FORMAT = "mipp-train/1"
@@ -27,69 +27,8 @@ _HINTS = {
     MODEL_FORMAT: "pass the model file that `mipp train` writes (OUT/model.pt)",
     TRAIN_STATE_FORMAT: "delete it, or start over with a new output folder or --no-resume",
 }
-# The process's umask (read by setting and restoring it), for the permissions of new files.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: corrupt, of another format, or from another run."""
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file next to ``path``; on a clean exit make it ``path`` in one step (flush, fsync, replace).
-
-    If the body raises (or the process dies), ``path`` keeps its old content; the temporary file is removed then
-    (or, after a kill, by the next successful write to ``path``).
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_open supports modes 'wb' and 'w', not {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
-            os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by writers that were killed
-        with contextlib.suppress(OSError):
-            stale.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` through :func:`atomic_open`."""
-    with atomic_open(path, "wb") as handle:
-        torch.save(obj, handle)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) through :func:`atomic_open`."""
-    with atomic_open(path, "w") as handle:
-        handle.write(text)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through :func:`atomic_open`."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_record(path: str | os.PathLike, expected_format: str, *, map_location: Any = "cpu") -> dict:
@@ -113,12 +52,6 @@ def _reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     detail = next((line for line in lines if "Unpickler error" in line), lines[0] if lines else "")
     return f"{type(exc).__name__}: {detail[:200]}"
-
-
-def _versions() -> dict:
-    from mipp import __version__
-
-    return {"mipp": __version__, "torch": str(torch.__version__)}
 
 
 def _json_data(value: Any, what: str) -> Any:
@@ -148,7 +81,7 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, *, metrics: dict
         "plan": _json_data(plan, "plan"),
         "metrics": _json_data(metrics, "metrics"),
         "extra": _json_data(extra, "extra"),
-        "versions": _versions(),
+        "versions": versions(),
     }
     atomic_torch_save(path, record)
     return Path(path)
@@ -156,14 +89,10 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, *, metrics: dict
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a model saved by :func:`save_model`; returns ``(model, record)`` with the model in eval mode."""
-    from mipp.models import build_model
-
     record = read_record(path, MODEL_FORMAT)
     model = build_model(**record["model_config"])
     if record.get("plan") is not None:
-        from mipp.plan import Plan  # lazy: plan depends on the models, not the other way round
-
-        Plan.from_dict(record["plan"]).apply(model)
+        apply_plan(model, Plan.from_dict(record["plan"]))
     try:
         model.load_state_dict(record["state_dict"])
     except RuntimeError as exc:

@@ -12,9 +12,7 @@ import torch
 import torch.nn as nn
 
 from mipp.plan import Plan
-from mipp.units import UnitGraph
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from mipp.units import WEIGHTED_READERS, UnitGraph, layer_macs
 
 
 def count_params(model: nn.Module) -> int:
@@ -26,15 +24,10 @@ def module_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
     macs: dict[str, int] = {}
 
     def hook(module, inputs, output, name):
-        per_sample = output[0].numel()
-        if isinstance(module, _CONV):
-            kernel = module.weight[0].numel()  # in_channels / groups * kernel area
-            macs[name] = macs.get(name, 0) + per_sample * kernel
-        else:
-            macs[name] = macs.get(name, 0) + per_sample * module.in_features
+        macs[name] = macs.get(name, 0) + layer_macs(module, output)
 
     handles = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
-               for n, m in model.named_modules() if isinstance(m, _CONV + (nn.Linear,))]
+               for n, m in model.named_modules() if isinstance(m, WEIGHTED_READERS)]
     try:
         with torch.no_grad():
             was_training = model.training
@@ -64,12 +57,13 @@ class CostModel:
     units: UnitGraph
 
     @classmethod
-    def build(cls, model: nn.Module, units: UnitGraph, example_input: torch.Tensor) -> "CostModel":
+    def build(cls, model: nn.Module, units: UnitGraph) -> "CostModel":
+        """The cost model of `model`, from the MACs its trace recorded (no further forward pass)."""
         shapes = {}
         for module_name, module in model.named_modules():
             for pname, param in module.named_parameters(recurse=False):
                 shapes[f"{module_name}.{pname}" if module_name else pname] = (module_name, tuple(param.shape))
-        return cls(shapes, module_macs(model, example_input), units)
+        return cls(shapes, dict(units.module_macs), units)
 
     def __post_init__(self):
         self._widths = {}  # (module name, dim) -> number of channels along that dim

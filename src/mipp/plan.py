@@ -1,18 +1,18 @@
 """Plan: which units of each group a pruning method keeps, and the record of how it decided.
 
-A Plan is the one thing every method produces and everything downstream consumes: surgery applies it, reports read
-it, and a saved Plan plus the original architecture and the pruned state dict rebuilds the pruned model (JSON, no
-pickle).
+A Plan is the one thing every method produces and everything downstream consumes: surgery applies it
+(:func:`mipp.surgery.apply_plan`), reports read it, and a saved Plan plus the original architecture and the pruned
+state dict rebuilds the pruned model (JSON, no pickle).  It is plain data: kept indices, decisions, settings and
+versions, with a JSON round trip; it knows nothing of models.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+from mipp.io import atomic_write_text, versions
 
 FORMAT = "mipp-plan/1"
 
@@ -45,7 +45,7 @@ class Plan:
     def __post_init__(self):
         self.kept = {k: sorted(int(i) for i in v) for k, v in self.kept.items()}
         if not self.versions:
-            self.versions = current_versions()
+            self.versions = versions()
         self.validate()
 
     def validate(self) -> None:
@@ -88,10 +88,16 @@ class Plan:
         data["decisions"] = {k: [UnitDecision(**d) for d in v] for k, v in data.get("decisions", {}).items()}
         return cls(**data)
 
-    def save(self, path: str | os.PathLike) -> None:
-        from mipp.checkpoint import atomic_write_text
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the Plan as JSON, atomically (a kill mid-write leaves the previous file)."""
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
@@ -99,15 +105,9 @@ class Plan:
         if not path.exists():
             raise FileNotFoundError(f"plan file {path} does not exist: write one with `mipp prune` or Plan.save")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_json(path.read_text())
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"plan file {path} is not a valid mipp plan ({err})") from err
-
-    def apply(self, model: torch.nn.Module, example_input: torch.Tensor | None = None) -> torch.nn.Module:
-        """Remove the pruned units from `model` physically (in place) and return it."""
-        from mipp.surgery import apply_plan
-
-        return apply_plan(model, self, example_input)
 
     def summary(self) -> str:
         """One line per group: kept / original width."""
@@ -120,8 +120,3 @@ class Plan:
                      f"  ({100 * self.unit_fraction_removed:.1f}% of units removed)")
         return "\n".join(lines)
 
-
-def current_versions() -> dict:
-    from mipp import __version__
-
-    return {"mipp": __version__, "torch": torch.__version__, "python": platform.python_version()}

@@ -10,24 +10,28 @@ import torch
 import torch.nn as nn
 
 from mipp.plan import Plan
-from mipp.units import UnitGraph, find_units
+from mipp.units import UnitGraph, example_input_for, find_units
 
 
 def plan_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | None) -> torch.Tensor:
+    """The batch to trace `model` with: the one given, else zeros of the Plan's recorded input shape."""
     if example_input is not None:
         return example_input
     if plan.example_shape:
         return torch.zeros(*plan.example_shape)
-    from mipp.units import example_input_for
-
     return example_input_for(model, None)
 
 
-def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None = None) -> nn.Module:
-    """Make `model` physically smaller according to `plan` (in place); returns the model."""
-    example_input = plan_input(model, plan, example_input)
-    units = find_units(model, example_input)
+def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None = None,
+               units: UnitGraph | None = None) -> nn.Module:
+    """Make `model` physically smaller according to `plan` (in place); returns the model.
+
+    `units` is the trace of this very model (`find_units(model, ...)`), reused so that a prune call traces once;
+    without it the model is traced here."""
+    if units is None:
+        units = find_units(model, plan_input(model, plan, example_input))
     check_plan_matches(plan, units)
+    check_trace_is_current(model, units)
     graph = units.dependency_graph
     for key in plan.kept:
         removed = plan.removed(key)
@@ -37,6 +41,19 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None 
         prune_out = graph.get_pruner_of_module(root).prune_out_channels
         graph.get_pruning_group(root, prune_out, removed).prune()
     return model
+
+
+def check_trace_is_current(model: nn.Module, units: UnitGraph) -> None:
+    """The trace must belong to `model` as it is now: its graph refers to the model's modules and their widths."""
+    traced = units.dependency_graph.model if units.dependency_graph is not None else None
+    if traced is not model:
+        raise ValueError("the unit graph was traced on another model object: pass units=find_units(model, x) of "
+                         "the model being pruned (or no units, and it is traced here)")
+    for group in units.groups:
+        width = model.get_submodule(group.key).weight.shape[0]
+        if width != group.size:
+            raise ValueError(f"group {group.key!r} has {width} units now but {group.size} when traced: the model "
+                             "changed since find_units (was it pruned already?); trace it again")
 
 
 def mask_model(model: nn.Module, plan: Plan, units: UnitGraph | None = None,

@@ -8,7 +8,7 @@ Why it looks the way it does:
 - In-memory data sets (anything with ``.images``/``.labels`` tensors or arrays) are indexed directly: no DataLoader
   overhead.  Other data sets go through a DataLoader fed the same index batches.
 - Checkpoints (model, optimizer, scheduler, position, RNG state, config, history) go through
-  :func:`mipp.checkpoint.atomic_torch_save`, so a kill at any moment leaves the last good checkpoint.
+  :func:`mipp.io.atomic_torch_save`, so a kill at any moment leaves the last good checkpoint.
 
 Defaults (``TrainConfig``): SGD with Nesterov momentum 0.9, lr 0.05 (Adam/AdamW: 1e-3), weight decay 5e-4,
 batch 128, cosine decay per step to zero, no warm-up, no label smoothing, no augmentation.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import sys
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mipp.checkpoint import TRAIN_STATE_FORMAT, CheckpointError, atomic_torch_save, read_record
+from mipp.checkpoint import TRAIN_STATE_FORMAT, CheckpointError, read_record
+from mipp.io import atomic_torch_save, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(name)!r} was asked for but torch sees no CUDA device; use cpu or auto")
     return device
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from parts with a stable repr (ints, strings); distinct parts give unrelated streams."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _generator(*parts: Any) -> torch.Generator:

@@ -67,13 +67,18 @@ class UnitGroup:
 
 @dataclass
 class UnitGraph:
-    """Every prunable group of a model, sorted from the output towards the input."""
+    """Every prunable group of a model, sorted from the output towards the input, and what its one trace saw.
+
+    The dependency graph refers to the traced model's own modules: it is good for one model, until that model
+    is pruned."""
 
     groups: list[UnitGroup]
     output_modules: list[str]
     example_shape: tuple[int, ...]
-    module_order: dict[str, int] = field(default_factory=dict)
+    module_order: dict[str, int] = field(default_factory=dict)  # leaf module name -> position in the forward pass
     dependency_graph: tp.DependencyGraph | None = field(default=None, repr=False)  # torch-pruning's, for surgery
+    module_macs: dict[str, int] = field(default_factory=dict)  # conv / linear module -> MACs for one sample
+    reading_points: dict[str, list[Coupling]] = field(default_factory=dict)  # group -> readers of distinct tensors
 
     def __getitem__(self, key: str) -> UnitGroup:
         for group in self.groups:
@@ -90,6 +95,13 @@ class UnitGraph:
         return {name: g.key for g in self.groups for name in g.producers}
 
 
+def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """Multiply-accumulates of one call of a conv / linear module, for the first sample of its output batch."""
+    if isinstance(module, nn.Linear):
+        return output[0].numel() * module.in_features
+    return output[0].numel() * module.weight[0].numel()  # a conv's kernel: in_channels / groups x kernel area
+
+
 def example_input_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
     """An example batch: the one given, else one built from the model's mipp_config."""
     if example_input is not None:
@@ -104,26 +116,44 @@ def example_input_for(model: nn.Module, example_input: torch.Tensor | None) -> t
     return torch.zeros(2, config["in_channels"], size, size)
 
 
-def forward_order(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """Module name -> index of its (first) call in a forward pass."""
-    order: dict[str, int] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if name and not list(module.children()):
-            def record(m, inputs, output, name=name):
-                order.setdefault(name, len(order))  # returns None: the output is left alone
+class _TraceRecorder:
+    """Forward hooks that note, during the one traced forward pass, what every later stage needs: the order in which
+    leaf modules run, the MACs of each conv / linear module, and the input each weighted module reads."""
 
-            handles.append(module.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+    def __init__(self, model: nn.Module):
+        self.order: dict[str, int] = {}
+        self.macs: dict[str, int] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if name and not list(module.children()):
+                self.handles.append(module.register_forward_hook(self._order_hook(name)))
+            if isinstance(module, WEIGHTED_READERS):
+                self.handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+                self.handles.append(module.register_forward_hook(self._macs_hook(name)))
+
+    def _order_hook(self, name):
+        def record(module, inputs, output):
+            self.order.setdefault(name, len(self.order))  # returns None: the output is left alone
+        return record
+
+    def _input_hook(self, name):
+        def record(module, inputs):
+            self.inputs.setdefault(name, inputs[0].detach())
+        return record
+
+    def _macs_hook(self, name):
+        def record(module, inputs, output):
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
+        return record
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph, traced in eval mode (the model's mode is restored afterwards)."""
     was_training = model.training
     model.eval()
     try:
@@ -133,14 +163,20 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.
 
 
 def find_units(model: nn.Module, example_input: torch.Tensor | None = None) -> UnitGraph:
-    """Find the prunable unit groups of `model`, ordered from the output back to the input."""
+    """Find the prunable unit groups of `model`, ordered from the output back to the input.
+
+    This is the one trace of a prune call: torch-pruning's forward pass, with hooks that also record the module
+    order, the MACs and the reading points, so that costs, capture and surgery never trace again."""
     example_input = example_input_for(model, example_input)
-    order = forward_order(model, example_input)
-    graph = build_dependency_graph(model, example_input)
+    recorder = _TraceRecorder(model)
+    try:
+        graph = build_dependency_graph(model, example_input)
+    finally:
+        recorder.close()
     names = {module: name for name, module in model.named_modules()}
     groups, outputs = [], []
     for tp_group in graph.get_all_groups(root_module_types=WEIGHTED_READERS):
-        group = _to_unit_group(tp_group, graph, names, order)
+        group = _to_unit_group(tp_group, graph, names, recorder.order)
         if group is None:
             continue
         if not group.readers:  # nothing reads these channels: they are the network's output
@@ -153,7 +189,26 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None) -> U
             "layer; this model has none besides its output layer"
         )
     groups.sort(key=lambda g: (-g.position, g.key))
-    return UnitGraph(groups, outputs, tuple(example_input.shape), order, graph)
+    points = {g.key: _distinct_reading_points(g, recorder.inputs) for g in groups}
+    return UnitGraph(groups, outputs, tuple(example_input.shape), recorder.order, graph, recorder.macs, points)
+
+
+def _distinct_reading_points(group: UnitGroup, inputs: dict[str, torch.Tensor]) -> list[Coupling]:
+    """The group's reader couplings that read distinct tensors (readers of one tensor, e.g. the parallel convs of a
+    block that all read the residual stream, count once)."""
+    distinct, tensors = [], []
+    for coupling in group.coupled("in"):
+        tensor = inputs.get(coupling.module_name)
+        if tensor is None or any(_same_tensor(tensor, t) for t in tensors):
+            continue
+        tensors.append(tensor)
+        distinct.append(coupling)
+    return distinct
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two views of one tensor (detach() makes new objects over the same storage)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _to_unit_group(tp_group, graph, names, order) -> UnitGroup | None:

@@ -17,14 +17,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mipp.io import derived_seed
+
 from .base import ArrayDataset
 
 
 def class_transform(seed: int, label: int, height: int, width: int, affine: float = 1.0,
                     permute: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(theta (2, 3) for F.affine_grid, permutation of the H*W pixel positions) of one class."""
-    from mipp.train import derived_seed
-
     generator = torch.Generator().manual_seed(derived_seed(seed, "deform", int(label)))
     u = torch.rand(6, generator=generator, dtype=torch.float64) * 2 - 1  # uniform in [-1, 1]
     angle = math.radians(45.0) * affine * u[0]

@@ -1,0 +1,122 @@
+"""The shape of the code itself: layered imports without cycles, and one trace of the model per prune call."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+import mipp
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# From the bottom up; a module may import modules of its own layer or below, never above (README, Layout).
+LAYERS = [
+    {"mipp.version", "mipp.io"},
+    {"mipp.plan", "mipp.models", "mipp.data", "mipp.mi", "mipp.units"},
+    {"mipp.measure", "mipp.activations", "mipp.surgery", "mipp.checkpoint", "mipp.train"},
+    {"mipp.methods"},
+    {"mipp.api"},
+    {"mipp.experiments", "mipp.demo"},
+    {"mipp.cli", "mipp", "mipp.__main__"},
+]
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in (SRC / "mipp").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every mipp module `name` imports, at the top or inside a function."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target.startswith("mipp") and target != name:
+                found.add(target)
+    return found
+
+
+def _layer(module: str) -> int:
+    for level, members in enumerate(LAYERS):
+        if any(module == m or (m != "mipp" and module.startswith(m + ".")) for m in members):
+            return level
+    raise AssertionError(f"module {module} has no layer: add it to LAYERS here and to the README's Layout")
+
+
+def test_imports_go_down_the_layers_and_never_in_a_circle():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if _layer(b) > _layer(a)]
+    assert not upward, f"imports from a lower layer to a higher one: {upward}"
+
+    def reachable(start):
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph[stack.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return seen
+
+    circles = sorted(name for name in graph if name in reachable(name))
+    assert not circles, f"modules in an import circle: {circles}"
+
+
+def test_nothing_is_imported_by_a_string():
+    offenders = [str(path.relative_to(SRC)) for path in (SRC / "mipp").rglob("*.py")
+                 if "import_module" in path.read_text() or "pkgutil" in path.read_text()]
+    assert not offenders, f"modules loaded by name at run time in {offenders}: import them explicitly"
+
+
+class CountingMLP(nn.Sequential):
+    """An MLP that notes the batch size of every forward pass of the whole network."""
+
+    def __init__(self):
+        super().__init__(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("method,budget", [("mipp", None), ("mipp", 0.3), ("random", 0.3), ("magnitude-l1", 0.3)])
+def test_one_prune_call_traces_the_model_once(monkeypatch, method, budget):
+    builds = []
+    original = tp.DependencyGraph.build_dependency
+
+    def counted(self, *args, **kwargs):
+        builds.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", counted)
+    torch.manual_seed(0)
+    model = CountingMLP()
+    data = torch.randn(300, 12)
+    example = data[:2]
+    pruned, plan = mipp.prune(model, data, method=method, budget=budget, example_input=example, n_samples=300)
+    assert model.calls == [], "the caller's model is copied, never run"
+    assert len(builds) == 1, "one dependency graph per prune call, shared by costs, capture and surgery"
+    traces = [n for n in pruned.calls if n == len(example)]
+    assert len(traces) == 1, f"one forward pass of the example batch (the trace), got batch sizes {pruned.calls}"
+    calibration = [n for n in pruned.calls if n != len(example)]
+    assert sum(calibration) in (0, 300), "the rest are the calibration batches (MIPP's capture), each once"
+    assert pruned[1].out_features == len(plan.kept["1"]) and pruned(example).shape == (2, 3)
