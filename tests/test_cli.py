@@ -74,6 +74,12 @@ def test_version(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"mipp {__version__}"
 
 
+@pytest.mark.parametrize("module", ["mipp", "mipp.cli"])
+def test_python_dash_m_runs_the_command(module):
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"mipp {__version__}"
+
+
 def test_sigkilled_training_resumes_to_the_same_weights_and_metrics(tmp_path, capsys):
     """A real `mipp train` process is killed with SIGKILL after its first checkpoint and then resumed."""
     argv = ["train", "--model", "lenet5", "--data", "synthetic", "--data-option", "input_size=28", "--epochs", "3",

@@ -4,7 +4,6 @@
     store.py    OUT/runs/<id>.json per run, shared trained base models, the sweep log
     runner.py   one run (select, prune, evaluate, fine-tune, measure) and the resumable sweep loop
     report.py   tables (Markdown, CSV) and figures (PNG)
-    cli.py      `mipp sweep`, `mipp report`
     planted.py  the planted-redundancy network
 """
 from mipp.experiments.config import RunSpec, SweepConfig, expand

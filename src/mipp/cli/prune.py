@@ -1,11 +1,11 @@
-"""`mipp prune` and `mipp demo`: the pruning subcommands of the command line (plumbing lives in mipp.cli)."""
+"""`mipp prune`, `mipp methods` and `mipp demo`: the pruning subcommands (plumbing lives in mipp.cli.common)."""
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 
-from mipp.cli import _add_data_arguments, _check_model_fits_data, _data_call, _parse_data_options, add_command
+from mipp.cli.common import add_command, add_data_arguments, check_model_fits_data, data_call, parse_key_values
 
 
 def _fraction(text: str) -> float:
@@ -21,7 +21,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser = add_command(subparsers, "prune", prune_command, render=render_prune,
                          help="prune a saved model; writes the pruned model, its Plan and a per-layer summary")
     parser.add_argument("--checkpoint", required=True, help="model file written by `mipp train` (OUT/model.pt)")
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--method", default="mipp", help="pruning method (default mipp; see `mipp methods`)")
     parser.add_argument("--budget", type=_fraction, default=None,
                         help="fraction to remove, e.g. 0.7; without it MIPP decides by --confidence")
@@ -52,18 +52,18 @@ def prune_command(args: argparse.Namespace) -> dict:
     from mipp.train import TrainConfig, evaluate, fit, resolve_device
 
     started = time.perf_counter()
-    options = _parse_data_options(args.data_option)
+    options = parse_key_values(args.data_option)
     data_name = data.canonical_name(args.data)
     device = resolve_device(args.device)
     model, record = load_model(args.checkpoint)
     if record.get("plan") is not None:
         raise ValueError(f"{args.checkpoint} is already pruned; prune the original model (its Plan would not "
                          "match the pruned widths)")
-    info = _data_call(data.dataset_info, data_name, root=args.data_root, **options)
-    _check_model_fits_data(record["model_config"], info, data_name)
-    splits = {s: _data_call(data.load_dataset, data_name, s, root=args.data_root, limit=args.limit, seed=0, **options)
+    info = data_call(data.dataset_info, data_name, root=args.data_root, **options)
+    check_model_fits_data(record["model_config"], info, data_name)
+    splits = {s: data_call(data.load_dataset, data_name, s, root=args.data_root, limit=args.limit, seed=0, **options)
               for s in ("train", "test")}
-    method_options = _parse_data_options(args.method_option)
+    method_options = parse_key_values(args.method_option)
     if args.method == "mipp":
         method_options = {"confidence": args.confidence, "estimator": args.estimator, "pool": args.pool,
                           **method_options}

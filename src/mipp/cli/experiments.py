@@ -1,4 +1,4 @@
-"""`mipp sweep` and `mipp report`: the experiment subcommands (plumbing lives in mipp.cli).
+"""`mipp sweep` and `mipp report`: the experiment subcommands (plumbing lives in mipp.cli.common).
 
     mipp sweep --config configs/lenet5-fmnist-grid.json --out runs/lenet5      (rerun the same command to resume)
     mipp sweep --models mlp --data synthetic --methods mipp,random --targets 0.5,0.7 --seeds 0,1 --out runs/try
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mipp.cli import _parse_data_options, add_command
+from mipp.cli.common import add_command, parse_key_values
 
 
 def _list(text: str) -> list[str]:
@@ -96,7 +96,7 @@ def sweep_config(args: argparse.Namespace):
         config.latency = False
     if args.width is not None:
         config.models = [{**({"name": m} if isinstance(m, str) else m), "width": args.width} for m in config.models]
-    options = _parse_data_options(args.data_option)
+    options = parse_key_values(args.data_option)
     if args.limit is not None or args.deform or options:
         entries = []
         for entry in config.data:
@@ -128,7 +128,7 @@ def sweep_command(args: argparse.Namespace) -> dict:
         finished = sum(is_finished(store.get(r.run_id), r.finetune_epochs, args.retry_failed) for r in runs)
         return {"out": args.out, "runs": len(runs), "already": finished, "to_do": len(runs) - finished,
                 "dry_run": True}
-    argv = ["mipp"] + sys.argv[1:] if Path(sys.argv[0]).name in ("mipp", "cli.py", "__main__.py") else None
+    argv = ["mipp"] + sys.argv[1:] if Path(sys.argv[0]).name in ("mipp", "__main__.py") else None
     return run_sweep(config, args.out, retry_failed=args.retry_failed, argv=argv, shard=args.shard)
 
 

@@ -1,87 +1,11 @@
-"""The ``mipp`` command: one subcommand per job, each a parser builder plus a handler returning a JSON-able dict.
-
-Adding a subcommand: write ``add_<name>_parser(subparsers)`` that calls :func:`add_command` (which adds the shared
-``--json`` flag and registers the handler) and then its own arguments, and list it in ``COMMANDS`` (as
-``"module:function"`` when it lives in another module).  A handler takes the parsed arguments and returns a dict;
-``main`` prints it as one JSON object (``--json``) or through the command's ``render`` function.  Bad input
-(ValueError, FileNotFoundError, mipp's data and checkpoint errors) ends with a one-line message on stderr and exit
-status 2; logs and progress bars always go to stderr.
-"""
+"""`mipp train` and `mipp eval`: train a model from scratch (resumable) and evaluate a saved one."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import json
-import logging
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
 
-from mipp import __version__
-
-Handler = Callable[[argparse.Namespace], dict]
-Renderer = Callable[[dict], str]
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-
-
-# ------------------------------------------------------------------------------------------- plumbing
-
-
-def add_command(subparsers, name: str, handler: Handler, *, help: str,
-                render: Optional[Renderer] = None) -> argparse.ArgumentParser:
-    """Create subcommand ``name`` with the shared flags; ``render`` turns its result into the human summary."""
-    parser = subparsers.add_parser(name, help=help, description=help)
-    parser.add_argument("--json", action="store_true",
-                        help="print exactly one JSON object on stdout instead of the human-readable summary")
-    parser.set_defaults(handler=handler, render=render or render_key_values)
-    return parser
-
-
-def render_key_values(result: dict) -> str:
-    """Default human summary: one ``key: value`` line per scalar entry."""
-    return "\n".join(f"{key}: {value}" for key, value in result.items() if not isinstance(value, (dict, list)))
-
-
-# Exception types that mean "the user gave bad input": reported in one line, exit status 2.  mipp's data and
-# checkpoint errors subclass the first two.
-BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
-
-
-def _parse_data_options(pairs: Sequence[str]) -> dict:
-    """``KEY=VALUE`` strings -> dict; values are read as JSON where they parse (numbers, true, null), else text."""
-    options = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--data-option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
-def _data_call(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Call a mipp.data function; an unknown data option (a TypeError there) is bad input, not a bug."""
-    try:
-        return function(*args, **kwargs)
-    except TypeError as exc:
-        if "does not take option" not in str(exc):
-            raise
-        raise ValueError(str(exc)) from exc
-
-
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="data set name (see mipp.data.DATASET_NAMES)")
-    parser.add_argument("--data-root", default=None, help="folder holding the data files (else the default/env)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="use a fixed class-stratified subset of at most N examples of each split")
-    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra data set option, e.g. noise=2.0 for synthetic (repeatable)")
+from mipp.cli.common import add_command, add_data_arguments, check_model_fits_data, data_call, parse_key_values
 
 
 def _param_count(model) -> int:
@@ -97,7 +21,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser = add_command(subparsers, "train", train_command, render=render_train,
                          help="train a model from scratch (resumable: rerun the same command to continue)")
     parser.add_argument("--model", required=True, help="model name (see mipp.models.MODEL_NAMES)")
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the model (default 1.0)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
@@ -137,14 +61,14 @@ def train_command(args: argparse.Namespace) -> dict:
 
     started = time.perf_counter()
     config = _train_config(args)
-    options = _parse_data_options(args.data_option)
+    options = parse_key_values(args.data_option)
     data_name = data.canonical_name(args.data)
-    info = _data_call(data.dataset_info, data_name, root=args.data_root, **options)
+    info = data_call(data.dataset_info, data_name, root=args.data_root, **options)
     torch.manual_seed(config.seed)
     model = build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
                         input_size=info.input_size, width=args.width)
     out = Path(args.out or f"runs/{args.model}-{data_name}-s{config.seed}")
-    splits = {split: _data_call(data.load_dataset, data_name, split, root=args.data_root, limit=args.limit, seed=0,
+    splits = {split: data_call(data.load_dataset, data_name, split, root=args.data_root, limit=args.limit, seed=0,
                                 **options) for split in ("train", "test")}
     identity = {"data": data_name, "data_options": options, "limit": args.limit}
     result = fit(model, splits["train"], config, eval_set=splits["test"], checkpoint_path=out / "train-state.pt",
@@ -188,19 +112,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser = add_command(subparsers, "eval", eval_command, render=render_eval,
                          help="evaluate a saved model (OUT/model.pt) on a data set")
     parser.add_argument("--checkpoint", required=True, help="model file written by `mipp train` (OUT/model.pt)")
-    _add_data_arguments(parser)
+    add_data_arguments(parser)
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default 512)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     return parser
-
-
-def _check_model_fits_data(model_config: dict, info, data_name: str) -> None:
-    for field in ("in_channels", "input_size", "num_classes"):
-        built, needed = model_config.get(field), getattr(info, field)
-        if built is not None and built != needed:
-            raise ValueError(f"the model was built for {field}={built} but {data_name} has {field}={needed}; "
-                             "evaluate it on the data set it was trained for")
 
 
 def eval_command(args: argparse.Namespace) -> dict:
@@ -208,13 +124,13 @@ def eval_command(args: argparse.Namespace) -> dict:
     from mipp.checkpoint import load_model
     from mipp.train import evaluate, resolve_device
 
-    options = _parse_data_options(args.data_option)
+    options = parse_key_values(args.data_option)
     data_name = data.canonical_name(args.data)
     device = resolve_device(args.device)
     model, record = load_model(args.checkpoint, device=device)
-    info = _data_call(data.dataset_info, data_name, root=args.data_root, **options)
-    _check_model_fits_data(record["model_config"], info, data_name)
-    dataset = _data_call(data.load_dataset, data_name, args.split, root=args.data_root, limit=args.limit, seed=0,
+    info = data_call(data.dataset_info, data_name, root=args.data_root, **options)
+    check_model_fits_data(record["model_config"], info, data_name)
+    dataset = data_call(data.load_dataset, data_name, args.split, root=args.data_root, limit=args.limit, seed=0,
                          **options)
     scores = evaluate(model, dataset, batch_size=args.batch_size, device=device)
     return {"checkpoint": str(args.checkpoint), "data": data_name, "split": args.split, **scores,
@@ -224,69 +140,3 @@ def eval_command(args: argparse.Namespace) -> dict:
 def render_eval(result: dict) -> str:
     return (f"{result['checkpoint']} on {result['data']} ({result['split']}, n={result['n']}): "
             f"accuracy {100 * result['accuracy']:.2f}%, loss {result['loss']:.4f}, {result['params']:,} parameters")
-
-
-# ----------------------------------------------------------------------------------------------- main
-
-# Parser builders, in the order `mipp --help` lists them: functions, or "module:function" strings for commands
-# that live in modules importing this one (resolved when the parser is built, so no import cycle).
-COMMANDS: list[Callable | str] = [
-    add_train_parser,
-    add_eval_parser,
-    "mipp.cli_prune:add_prune_parser",
-    "mipp.cli_prune:add_methods_parser",
-    "mipp.cli_prune:add_demo_parser",
-    "mipp.experiments.cli:add_sweep_parser",
-    "mipp.experiments.cli:add_report_parser",
-]
-
-
-def _resolve(builder: Callable | str) -> Callable:
-    if callable(builder):
-        return builder
-    module, _, name = builder.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mipp", description="Mutual-information-preserving structured pruning.")
-    parser.add_argument("--version", action="version", version=f"mipp {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for builder in COMMANDS:
-        _resolve(builder)(subparsers)
-    return parser
-
-
-def _setup_logging() -> None:
-    logger = logging.getLogger("mipp")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``mipp`` command line; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
-    _setup_logging()
-    stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # only the result itself goes to stdout
-            result = args.handler(args)
-    except BAD_INPUT_ERRORS as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"mipp {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"mipp {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if args.json:
-        print(json.dumps(result), file=stdout)
-    else:
-        print(args.render(result), file=stdout)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m mipp``: the ``mipp`` command."""
+import sys
+
+from mipp.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
