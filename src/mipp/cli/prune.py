@@ -43,11 +43,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def prune_command(args: argparse.Namespace) -> dict:
-    import copy
-
     from mipp import data
-    from mipp.api import select_plan
-    from mipp.checkpoint import atomic_write_json, atomic_write_text, load_model, save_model
+    from mipp.api import prune
+    from mipp.checkpoint import load_model, save_model
+    from mipp.io import atomic_write_json, atomic_write_text
     from mipp.measure import count_params
     from mipp.train import TrainConfig, evaluate, fit, resolve_device
 
@@ -68,9 +67,8 @@ def prune_command(args: argparse.Namespace) -> dict:
         method_options = {"confidence": args.confidence, "estimator": args.estimator, "pool": args.pool,
                           **method_options}
     min_units = int(args.min_units) if args.min_units >= 1 else args.min_units
-    plan = select_plan(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
-                       min_units=min_units, n_samples=args.samples, seed=args.seed, **method_options)
-    pruned = plan.apply(copy.deepcopy(model))
+    pruned, plan = prune(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
+                         min_units=min_units, n_samples=args.samples, seed=args.seed, **method_options)
     before, after = evaluate(model, splits["test"], device=device), evaluate(pruned, splits["test"], device=device)
     result = {"method": args.method, "budget": args.budget, "metric": args.metric,
               "accuracy_before": before["accuracy"], "accuracy_pruned": after["accuracy"],

@@ -55,7 +55,8 @@ def train_command(args: argparse.Namespace) -> dict:
     import torch
 
     from mipp import data
-    from mipp.checkpoint import atomic_write_json, save_model
+    from mipp.checkpoint import save_model
+    from mipp.io import atomic_write_json
     from mipp.models import build_model
     from mipp.train import evaluate, fit
 
