@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional, Sequence
 
-from mipp import __version__
+from mipp.version import __version__
 from mipp.cli.common import run_handler, setup_logging
 from mipp.cli.experiments import add_report_parser, add_sweep_parser
 from mipp.cli.prune import add_demo_parser, add_methods_parser, add_prune_parser
