@@ -84,17 +84,17 @@ def planted_inputs(n: int = 4000, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, INPUT_DIM, generator=torch.Generator().manual_seed(seed))
 
 
-def planted_examples(seed: int, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs (n, 1, 1, 10), labels): Gaussian inputs labelled by the planted network of `seed` (its argmax), so
-    accuracy is agreement with that network; each split has inputs of its own, the same for every seed."""
+def planted_examples(seed: int, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(inputs (n, 1, 1, 10), labels, class names): Gaussian inputs labelled by the planted network of `seed` (its
+    argmax), so accuracy is agreement with that network; each split has inputs of its own, the same for every seed."""
     n = n or SPLIT_SIZES[split]
     inputs = planted_inputs(n, seed=1000 + {"train": 0, "test": 1}[split])
     with torch.no_grad():
         labels = planted_network(seed)(inputs).argmax(1)
-    return inputs[:, None, None, :], labels
+    return inputs[:, None, None, :], labels, tuple(f"output_{i}" for i in range(OUTPUTS))
 
 
-@register_model("planted", extras={"seed": 0}, planted=TRUTH)
+@register_model("planted", extras={"seed": 0}, planted=TRUTH, data=planted_examples)
 def build_planted(*, num_classes: int, in_channels: int, input_size: int, width: float, seed: int):
     """The planted network of `seed`; its shape is fixed (10 inputs, 4 outputs, width 1)."""
     if num_classes != OUTPUTS or width != 1.0:

@@ -19,27 +19,30 @@ from torch import nn
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its builder, its extra arguments with defaults (None: depends on the other
-    arguments), the smallest input side it takes, and, for a network with planted weights, the truth
-    planted in it (such a network is given, never trained: it is pruned as given)."""
+    arguments), the smallest input side it takes; and, for a network with planted weights (given, never trained:
+    it is pruned as given), the truth planted in it (with `recovery(kept)`, how much of it a plan recovered) and
+    its own data, `data(seed, split, n) -> (inputs, labels, class names)`: inputs labelled by the network of that
+    seed."""
 
     name: str
     build: Callable[..., tuple]
     extras: Dict[str, Any] = field(default_factory=dict)
     min_input_size: int = 1
     planted: Any = None  # a PlantedTruth (see planted.py), or None for a network that learns its weights
+    data: Callable[..., tuple] | None = None
 
 
 _REGISTRY: Dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, *, extras: Dict[str, Any] | None = None, min_input_size: int = 1,
-                   planted: Any = None) -> Callable:
+                   planted: Any = None, data: Callable[..., tuple] | None = None) -> Callable:
     """Decorator: register `fn` as the builder of model `name` (see the module docstring for its contract)."""
 
     def register(fn: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelEntry(name, fn, dict(extras or {}), min_input_size, planted)
+        _REGISTRY[name] = ModelEntry(name, fn, dict(extras or {}), min_input_size, planted, data)
         return fn
 
     return register
