@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mipp.data import ArrayDataset, deformed
-from mipp.experiments import report as report_module
+from mipp.experiments import figures, report, statistics, tables
 from mipp.experiments.config import SweepConfig, expand
+from mipp.experiments.record import RunRecord
 from mipp.experiments.runner import Runner, run_sweep
 from mipp.experiments.store import ResultStore, stable_view
 
@@ -32,7 +33,7 @@ def full_sweep(tmp_path_factory):
 
 
 def by_id(out) -> dict:
-    return {r["run_id"]: r for r in ResultStore(out).records()}
+    return {r.run_id: r for r in ResultStore(out).records()}
 
 
 def test_sweep_runs_everything_and_records_every_metric(full_sweep):
@@ -41,16 +42,16 @@ def test_sweep_runs_everything_and_records_every_metric(full_sweep):
     records = by_id(out)
     assert len(records) == N_RUNS
     for r in records.values():
-        assert r["status"] == "done" and set(r["finetune"]) == {"0", "1"}
-        assert abs(r["removed"]["units"] - r["target"]) < 0.03
-        assert set(r["units_kept"]) == set(r["layers"]) == set(r["kept_fraction"])
-        assert 0 <= r["pruned"]["test_accuracy"] <= 1 and 0 <= r["pruned"]["train_accuracy"] <= 1
-        assert r["selection"]["seconds"] > 0 and r["selection"]["peak_rss_mb"] is not None
-        assert set(r["collapse"]) >= {"guard", "untrainable", "any"}
-        assert r["config"]["seed"] == r["seed"] and "torch" in r["versions"]
-    trained = [r for r in records.values() if r["regime"] == "trained"]
-    assert {r["base"]["dir"] for r in trained} == {p.name for p in (out / "base").iterdir()}  # one per seed
-    assert all(r["base"]["test_accuracy"] > 0.6 for r in trained)
+        assert r.status == "done" and set(r.finetune) == {"0", "1"}
+        assert abs(r.removed["units"] - r.target) < 0.03
+        assert set(r.units_kept) == set(r.layers) == set(r.kept_fraction)
+        assert 0 <= r.pruned["test_accuracy"] <= 1 and 0 <= r.pruned["train_accuracy"] <= 1
+        assert r.selection["seconds"] > 0 and r.selection["peak_rss_mb"] is not None
+        assert set(r.collapse) >= {"guard", "untrainable", "any"}
+        assert r.config["seed"] == r.seed and "torch" in r.versions
+    trained = [r for r in records.values() if r.regime == "trained"]
+    assert {r.base["dir"] for r in trained} == {p.name for p in (out / "base").iterdir()}  # one per seed
+    assert all(r.base["test_accuracy"] > 0.6 for r in trained)
 
 
 def test_rerun_skips_every_finished_run(full_sweep, monkeypatch):
@@ -78,7 +79,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(full_sweep, tmp_path, mon
     seen = []
 
     def stop_after_three(record):  # 1) between runs
-        seen.append(record["run_id"])
+        seen.append(record.run_id)
         if len(seen) == 3:
             raise Stop
 
@@ -105,7 +106,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(full_sweep, tmp_path, mon
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(Runner, "_finetune", interrupt_finetuning)
         run_sweep(config, tmp_path, progress=False)
-    assert "partial" in {r["status"] for r in ResultStore(tmp_path).records()}
+    assert "partial" in {r.status for r in ResultStore(tmp_path).records()}
 
     counts = run_sweep(config, tmp_path, progress=False)
     assert counts["done"] + counts["already"] == N_RUNS and counts["failed"] == 0
@@ -125,8 +126,8 @@ def test_new_budget_extends_finished_runs_without_selecting_again(full_sweep, tm
     counts = run_sweep(config, tmp_path / "store", progress=False)
     assert counts["done"] == 2
     for record in ResultStore(tmp_path / "store").records():
-        if record["regime"] == "trained" and record["method"] == "random" and record["seed"] == 0:
-            assert set(record["finetune"]) == {"0", "1", "2"}
+        if record.regime == "trained" and record.method == "random" and record.seed == 0:
+            assert set(record.finetune) == {"0", "1", "2"}
 
 
 def test_inapplicable_methods_are_skipped_with_a_reason(tmp_path):
@@ -134,7 +135,7 @@ def test_inapplicable_methods_are_skipped_with_a_reason(tmp_path):
                             "targets": [0.5], "seeds": [0], "finetune_epochs": [0]})
     counts = run_sweep(config, tmp_path, progress=False)
     assert (counts["done"], counts["skipped"]) == (2, 4)
-    status = {(r["method"], r["regime"]): (r["status"], r["reason"]) for r in ResultStore(tmp_path).records()}
+    status = {(r.method, r.regime): (r.status, r.reason) for r in ResultStore(tmp_path).records()}
     assert status["snip", "init"][0] == status["taylor", "trained"][0] == "done"
     assert "init regime only" in status["snip", "trained"][1]
     assert "trained regime only" in status["taylor", "init"][1]
@@ -155,14 +156,14 @@ def test_run_ids_are_stable_and_ignore_budgets_paths_and_device():
 
 def test_figure_legend_names_methods_drawn_in_one_panel_only():
     """Trained-only baselines (Taylor, ThiNet) appear only in the lower panels: the legend must still name them."""
-    plt = report_module._pyplot()
+    plt = figures.pyplot()
     fig, axes = plt.subplots(2, 2, squeeze=False)
     axes[0][0].plot([0, 1], [0, 1], label="synflow")
     axes[0][1].plot([0, 1], [0, 1], label="mipp")
     axes[1][1].plot([0, 1], [1, 0], label="taylor")
     axes[1][0].plot([0, 1], [1, 0], label="mipp")
-    assert list(report_module.figure_legend_entries(axes)) == ["synflow", "mipp", "taylor"]
-    report_module._legend(fig, axes)
+    assert list(figures.figure_legend_entries(axes)) == ["synflow", "mipp", "taylor"]
+    figures.legend(fig, axes)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["synflow", "mipp", "taylor"]
     plt.close(fig)
 
@@ -191,7 +192,7 @@ def test_report_writes_tables_and_figures(full_sweep, tmp_path):
 
 def test_sweep_flags_override_the_config_file(tmp_path):
     from mipp.cli import build_parser
-    from mipp.experiments.cli import sweep_config
+    from mipp.cli.experiments import sweep_config
 
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps({**TINY, "comment": "a test"}))
@@ -204,14 +205,15 @@ def test_sweep_flags_override_the_config_file(tmp_path):
     assert {r.target for r in runs} == {0.5, None} and runs[0].labels["data"] == "synthetic+deform"
 
 
-def fake_record(method, target, seed, units, macs, acc):
-    return {"format": "mipp-run/1", "run_id": f"{method}-{target}-{seed}", "status": "done", "model": "m",
-            "data": "d", "method": method, "method_name": method, "regime": "trained", "target": target,
-            "metric": "units", "seed": seed, "removed": {"units": units, "params": macs, "macs": macs},
-            "base": {"test_accuracy": 0.9}, "pruned": {"test_accuracy": acc, "train_accuracy": acc},
-            "finetune": {"0": {"test_accuracy": acc, "train_accuracy": acc}},
-            "collapse": {"any": False, "guard": False}, "selection": {"seconds": 1.0, "peak_rss_mb": 1.0},
-            "layers": ["a"], "kept_fraction": {"a": 1 - units}, "versions": {}}
+def fake_record(method, target, seed, units, macs, acc, **fields):
+    return RunRecord.from_dict({
+        "format": "mipp-run/1", "run_id": f"{method}-{target}-{seed}", "status": "done", "model": "m", "data": "d",
+        "method": method, "method_name": method, "regime": "trained", "target": target, "metric": "units",
+        "seed": seed, "removed": {"units": units, "params": macs, "macs": macs}, "base": {"test_accuracy": 0.9},
+        "pruned": {"test_accuracy": acc, "train_accuracy": acc},
+        "finetune": {"0": {"test_accuracy": acc, "train_accuracy": acc}},
+        "collapse": {"any": False, "guard": False}, "selection": {"seconds": 1.0, "peak_rss_mb": 1.0},
+        "layers": ["a"], "kept_fraction": {"a": 1 - units}, "versions": {}, **fields})
 
 
 def test_win_loss_on_known_numbers(tmp_path):
@@ -223,9 +225,9 @@ def test_win_loss_on_known_numbers(tmp_path):
                 ("random", 0.7, 0, 0.7, 0.8, 0.65), ("random", 0.7, 1, 0.7, 0.8, 0.65),
                 ("magnitude", 0.5, 0, 0.5, 0.45, 0.80), ("magnitude", 0.7, 0, 0.7, 0.65, 0.40)]:
         store.put(fake_record(*row))
-    done, _, _ = report_module.load([tmp_path])
-    summary = report_module.summarize(report_module.run_rows(done, ["pruned"]), ["pruned"])
-    levels, counts = report_module.win_loss(summary, ["pruned"], tie=0.002)
+    done, _, _ = report.load([tmp_path])
+    summary = statistics.summarize(statistics.run_rows(done, ["pruned"]), ["pruned"])
+    levels, counts = statistics.win_loss(summary, ["pruned"], tie=0.002)
     tally = {(c["baseline"], c["axis"]): (c["win"], c["tie"], c["loss"]) for c in counts}
     # equal units: at 50% 0.80 vs 0.70 (win), at 70% 0.60 vs 0.65 (loss)
     # equal MACs: MIPP's levels 40% and 60%; random spans 60-80%, so only 60%: 0.60 vs 0.70 (loss)
@@ -237,10 +239,10 @@ def test_win_loss_on_known_numbers(tmp_path):
     lead = {(c["baseline"], c["axis"]): c["mean_difference"] for c in counts}
     assert lead["random", "units"] == pytest.approx((0.10 - 0.05) / 2) and lead["random", "macs"] == pytest.approx(-0.1)
     assert lead["magnitude", "units"] == pytest.approx(0.1)
-    verdicts = {(c["baseline"], c["axis"]): report_module.verdict(c) for c in counts}
+    verdicts = {(c["baseline"], c["axis"]): statistics.verdict(c) for c in counts}
     assert verdicts == {("random", "units"): "even", ("random", "macs"): "behind",
                         ("magnitude", "units"): "ahead", ("magnitude", "macs"): "ahead"}
-    table = report_module.verdict_table(counts, ["pruned"])
+    table = tables.verdict_table(counts, ["pruned"])
     assert "| m / d | trained | equal macs | right after pruning | magnitude 1/0/0 (+10.0) | random 0/0/1 (-10.0) |" \
         in table
 
@@ -248,15 +250,15 @@ def test_win_loss_on_known_numbers(tmp_path):
 def test_targets_of_different_metrics_stay_apart_in_tables_and_share_the_curves(tmp_path):
     store = ResultStore(tmp_path)
     store.put(fake_record("mipp", 0.5, 0, 0.5, 0.8, 0.6))
-    store.put({**fake_record("mipp", 0.5, 0, 0.3, 0.5, 0.8), "metric": "macs", "run_id": "macs"})
+    store.put(fake_record("mipp", 0.5, 0, 0.3, 0.5, 0.8, metric="macs", run_id="macs"))
     store.put(fake_record("random", 0.5, 0, 0.5, 0.5, 0.7))
-    done, _, _ = report_module.load([tmp_path])
-    summary = report_module.summarize(report_module.run_rows(done, ["pruned"]), ["pruned"])
+    done, _, _ = report.load([tmp_path])
+    summary = statistics.summarize(statistics.run_rows(done, ["pruned"]), ["pruned"])
     assert sorted((e["method"], e["metric"]) for e in summary) == [("mipp", "macs"), ("mipp", "units"),
                                                                    ("random", "units")]
-    table = report_module.pivot([e for e in summary if e["method"] == "mipp"], lambda e: report_module.pct(e["acc_pruned"]))
+    table = tables.pivot([e for e in summary if e["method"] == "mipp"], lambda e: tables.pct(e["acc_pruned"]))
     assert "| method | 50% | 50% MACs |" in table and "| mipp | 60.0 | 80.0 |" in table
-    _, counts = report_module.win_loss(summary, ["pruned"])
+    _, counts = statistics.win_loss(summary, ["pruned"])
     tally = {c["axis"]: (c["win"], c["tie"], c["loss"]) for c in counts}
     # equal MACs: random's only point is 50% MACs, where MIPP's MACs run has 80.0 against 70.0
     assert tally["macs"] == (1, 0, 0) and tally["units"] == (0, 0, 1)
@@ -266,15 +268,14 @@ def test_deformed_section_pairs_each_run_with_its_clean_twin(tmp_path):
     store = ResultStore(tmp_path)
     for data, accuracy in (("d", 0.8), ("d+deform", 0.6)):
         for seed in (0, 1):
-            store.put({**fake_record("mipp", 0.5, seed, 0.5, 0.5, accuracy), "data": data,
-                       "run_id": f"{data}-{seed}"})
-    store.put({**fake_record("random", 0.5, 0, 0.5, 0.5, 0.7), "run_id": "clean-only"})  # no deformed twin
-    done, _, _ = report_module.load([tmp_path])
-    summary = report_module.summarize(report_module.run_rows(done, ["pruned"]), ["pruned"])
-    rows = report_module.deformed_rows(summary, ["pruned"])
+            store.put(fake_record("mipp", 0.5, seed, 0.5, 0.5, accuracy, data=data, run_id=f"{data}-{seed}"))
+    store.put(fake_record("random", 0.5, 0, 0.5, 0.5, 0.7, run_id="clean-only"))  # no deformed twin
+    done, _, _ = report.load([tmp_path])
+    summary = statistics.summarize(statistics.run_rows(done, ["pruned"]), ["pruned"])
+    rows = statistics.deformed_rows(summary, ["pruned"])
     assert len(rows) == 1 and rows[0]["method"] == "mipp"
     assert rows[0]["clean_pruned"] == pytest.approx(0.8) and rows[0]["deformed_pruned"] == pytest.approx(0.6)
-    assert "80.0 -> 60.0 (-20.0)" in report_module.deformed_section(rows)
+    assert "80.0 -> 60.0 (-20.0)" in tables.deformed_section(rows)
 
 
 def test_deform_is_fixed_per_class_and_differs_between_classes():
@@ -317,3 +318,67 @@ def test_committed_result_stores_are_not_git_ignored():
     assert ignored.returncode == 1, "results/*/runs/*.json is git-ignored: run records would never be committed"
     top_level = subprocess.run(["git", "check-ignore", "-q", "runs/demo/model.pt"], cwd=root)
     assert top_level.returncode == 0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_configs_give_the_run_ids_of_the_committed_records():
+    """Run ids are hashes of a run's identity: the configs must still name exactly the records under results/."""
+    configured = {r.run_id for path in sorted(ROOT.glob("configs/*.json")) for r in expand(SweepConfig.load(path))}
+    committed = {path.stem for path in ROOT.glob("results/*/runs/*.json")}
+    if not committed:
+        pytest.skip("no committed result stores in this checkout")
+    assert configured == committed
+
+
+def test_committed_records_load_and_serialise_to_the_same_text():
+    """RunRecord's JSON is the run-record format: done, skipped and planted records round-trip byte for byte."""
+    paths = sorted(ROOT.glob("results/*/runs/*.json"))
+    if not paths:
+        pytest.skip("no committed result stores in this checkout")
+    statuses, planted = set(), 0
+    for path in paths[::25] + sorted(ROOT.glob("results/planted/runs/*.json"))[:3]:
+        text = path.read_text()
+        record = RunRecord.from_dict(json.loads(text))
+        assert json.dumps(record.to_dict(), indent=2) + "\n" == text, path
+        statuses.add(record.status)
+        planted += record.planted is not None
+    assert statuses == {"done", "skipped"} and planted >= 3
+
+
+def test_run_record_checks_its_fields():
+    with pytest.raises(ValueError, match="unknown run record field"):
+        RunRecord.from_dict({"run_id": "x", "status": "done", "colapse": {}})
+    with pytest.raises(ValueError, match="is not 'mipp-run/1'"):
+        RunRecord.from_dict({"format": "mipp-run/0", "run_id": "x", "status": "done"})
+    record = RunRecord(run_id="x", status="skipped", reason="why")
+    assert list(record.to_dict()) == ["format", "run_id", "status", "reason", "model", "data", "method",
+                                      "method_name", "regime", "target", "metric", "seed", "config", "versions"]
+
+
+PLANTED = dict(name="planted", models=["planted"], data=["planted"], methods=["random"], targets=[0.25],
+               seeds=[1], regimes=["init", "trained"], finetune_epochs=[0], latency=False)
+
+
+def test_planted_network_runs_as_given_on_its_own_data(tmp_path):
+    from mipp.models.planted import TRUTH, planted_examples, planted_network
+
+    counts = run_sweep(SweepConfig(**PLANTED), tmp_path, progress=False)
+    assert (counts["done"], counts["skipped"]) == (1, 1)
+    records = {r.regime: r for r in ResultStore(tmp_path).records()}
+    assert "pruned as given (trained regime) only" in records["init"].reason
+    trained = records["trained"]
+    assert trained.base["test_accuracy"] == 1.0 and trained.base["dir"].startswith("planted-planted-s1")
+    assert not (tmp_path / "base").exists()  # never trained
+    assert set(trained.planted) == {"dead_removed", "relations_resolved", "unique_kept", "exact"}
+    assert trained.planted == TRUTH.recovery(trained.plan["kept"])
+    inputs, labels, classes = planted_examples(1, "test")
+    assert inputs.shape == (1000, 1, 1, 10) and len(classes) == 4
+    assert torch.equal(labels, planted_network(1)(inputs).argmax(1))
+
+
+def test_planted_network_and_its_data_go_together():
+    for models, data in ((["planted"], ["synthetic"]), (["mlp"], ["planted"])):
+        with pytest.raises(ValueError, match="runs on its own data and nothing else"):
+            expand(SweepConfig(**{**PLANTED, "models": models, "data": data}))

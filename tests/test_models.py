@@ -231,3 +231,38 @@ def test_torch_pruning_traces_and_prunes(name, extra):
     assert classifier(model).out_features == 10
     with torch.no_grad():
         assert model(x).shape == (2, 10)
+
+
+def test_planted_network_is_a_registered_model():
+    from mipp.models import model_entry, model_names
+    from mipp.models.planted import TRUTH, planted_network
+
+    assert "planted" in model_names() and "planted" not in MODEL_NAMES
+    assert model_entry("planted").planted is TRUTH and model_entry(MODEL_NAMES[0]).planted is None
+    model = build_model("planted", num_classes=4, in_channels=1, input_size=1, seed=3)
+    expected = planted_network(3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert model.mipp_config["seed"] == 3
+    again = build_model(**model.mipp_config)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="fixed shape"):
+        build_model("planted", num_classes=10)
+
+
+def test_adding_a_model_is_one_registered_builder(monkeypatch):
+    from mipp.models import model_names, register_model, registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # forget the new model after the test
+
+    @register_model("tiny-test-net", extras={"depth": 1})
+    def build_tiny(*, num_classes, in_channels, input_size, width, depth):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size ** 2, num_classes)), {"depth": depth}
+
+    assert "tiny-test-net" in model_names()
+    model = build_model("tiny-test-net", in_channels=1, input_size=4, num_classes=3)
+    assert model.mipp_config == {"name": "tiny-test-net", "num_classes": 3, "in_channels": 1, "input_size": 4,
+                                 "width": 1.0, "depth": 1}
+    with pytest.raises(ValueError, match="valid extra arguments for tiny-test-net: depth"):
+        build_model("tiny-test-net", stem="cifar")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model("tiny-test-net")(build_tiny)

@@ -1,13 +1,19 @@
 """mipp.experiments: sweeps of pruning experiments, their result store and the report with the paper's figures.
 
-    config.py   SweepConfig (JSON file or flags) -> RunSpecs, each with a stable id
-    store.py    OUT/runs/<id>.json per run, shared trained base models, the sweep log
-    runner.py   one run (select, prune, evaluate, fine-tune, measure) and the resumable sweep loop
-    report.py   tables (Markdown, CSV) and figures (PNG)
-    planted.py  the planted-redundancy network
+    config.py      SweepConfig (JSON file or flags) -> RunSpecs, each with a stable id
+    record.py      RunRecord: the typed record of one run (its JSON is the run-record format)
+    store.py       OUT/runs/<id>.json per run, shared trained base models, the sweep log
+    runner.py      one run (select, prune, evaluate, fine-tune, measure) and the resumable sweep loop
+    memory.py      peak memory of a selection
+    report.py      `mipp report`: loads the stores and writes results.md, tables/ and figures/ with
+    statistics.py  means over seeds, win/loss of MIPP against each baseline, cost, planted-truth recovery
+    tables.py      CSV and the Markdown of results.md
+    figures.py     the figures (matplotlib)
+    planted.py     the planted-redundancy network's names (the network is model "planted" in mipp.models)
 """
 from mipp.experiments.config import RunSpec, SweepConfig, expand
+from mipp.experiments.record import RunRecord
 from mipp.experiments.runner import run_sweep
 from mipp.experiments.store import ResultStore
 
-__all__ = ["ResultStore", "RunSpec", "SweepConfig", "expand", "run_sweep"]
+__all__ = ["ResultStore", "RunRecord", "RunSpec", "SweepConfig", "expand", "run_sweep"]

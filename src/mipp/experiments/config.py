@@ -9,6 +9,7 @@ progress), so the same run always lands in the same file of the result store.
 Entries may be short names or dicts:
   models   "lenet5" | {"name": "vgg11", "width": 0.25, ...build_model extras}   ("planted": the planted network)
   data     "fashion-mnist" | {"name": ..., "limit": 5000, "options": {...}, "deform": {"seed": 0, ...} or true}
+           (a network with planted weights runs on its own data, named like it: "planted")
   methods  "random" | {"name": "mipp", "label": "mipp-ksg", "options": {...}, "targets": [null], "n_samples": 1000}
            ("all": every method; targets and n_samples, when given, replace the sweep's for that entry)
 A target is a fraction of `metric` to remove; null lets the method decide (MIPP's confidence mode).
@@ -18,13 +19,13 @@ initialisation usually needs more epochs than fine-tuning a pruned trained one);
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mipp.io import stable_hash
+
 REGIMES = ("init", "trained")
-PLANTED = "planted"  # the planted-redundancy network and its teacher-labelled Gaussian inputs
 
 
 @dataclass
@@ -109,11 +110,6 @@ class RunSpec:
         return {"model": model_label(self.model), "data": data_label(self.data), "method": self.method["label"]}
 
 
-def stable_hash(obj) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def model_label(spec: dict) -> str:
     return spec["name"] + (f"@{spec['width']:g}" if spec.get("width", 1.0) != 1.0 else "")
 
@@ -126,11 +122,11 @@ def data_label(spec: dict) -> str:
 
 
 def model_spec(entry) -> dict:
-    from mipp.models import MODEL_NAMES
+    from mipp.models import model_names
 
     spec = {"name": entry} if isinstance(entry, str) else dict(entry)
-    if spec.get("name") not in MODEL_NAMES + (PLANTED,):
-        raise ValueError(f"unknown model {spec.get('name')!r} in the sweep; choose from {MODEL_NAMES + (PLANTED,)}")
+    if spec.get("name") not in model_names():
+        raise ValueError(f"unknown model {spec.get('name')!r} in the sweep; choose from {model_names()}")
     spec["width"] = float(spec.get("width", 1.0))
     return spec
 
@@ -143,12 +139,19 @@ def data_spec(entry) -> dict:
     if unknown:
         raise ValueError(f"unknown data key(s) {unknown}; a data entry takes name, limit, options, deform")
     name = spec.get("name")
-    spec["name"] = PLANTED if name == PLANTED else canonical_name(name)
+    spec["name"] = name if own_data_of(name) else canonical_name(name)
     spec.setdefault("limit", None)
     spec["options"] = dict(spec.get("options") or {})
     deform = spec.get("deform")
     spec["deform"] = {"seed": 0} if deform is True else (dict(deform) if deform else None)
     return spec
+
+
+def own_data_of(name) -> str | None:
+    """The network with planted weights whose own data `name` is (they share the name), else None."""
+    from mipp.models import model_entry, model_names
+
+    return name if name in model_names() and model_entry(name).data is not None else None
 
 
 def method_specs(entries) -> list[dict]:
@@ -206,9 +209,10 @@ def expand(config: SweepConfig) -> list[RunSpec]:
     runs = []
     for model in map(model_spec, config.models):
         for data in map(data_spec, config.data):
-            if (model["name"] == PLANTED) != (data["name"] == PLANTED):
-                raise ValueError("the planted network runs on the planted data and nothing else: put them in a "
-                                 "sweep of their own (see configs/planted.json)")
+            if own_data_of(model["name"]) != own_data_of(data["name"]):
+                raise ValueError(f"the {own_data_of(model['name']) or own_data_of(data['name'])} network runs on its "
+                                 "own data and nothing else: put them in a sweep of their own (see "
+                                 "configs/planted.json)")
             for seed in config.seeds:
                 for regime in config.regimes:
                     for method in method_specs(config.methods):

@@ -12,20 +12,15 @@ Layer collapse, recorded per run: `guard` when some group is left at the collaps
 would have emptied it or narrowed it further), `untrainable` when the test accuracy after the largest fine-tuning
 budget is at most CHANCE_FACTOR / classes (None without a budget > 0); `any` is either.
 
-Peak memory of the selection: a thread samples the process's resident set (/proc/self/statm) every 2 ms and the peak
-above its level at the start is recorded (tracemalloc does not see torch's allocator).  It is a lower bound: spikes
-shorter than the interval are missed, and memory the process still holds from earlier work (freed, but kept by the
-allocator) is reused without showing, so small selections often read 0.  On CUDA the peak allocated device memory
-(exact) is recorded too.
+A network with planted weights (a model registered with `planted`, see mipp.models.registry) is never trained: it is
+pruned as given (regime "trained" only), on its own data (labelled by the network of the run's seed), and its record
+says how much of the planted truth the plan recovered.  Peak memory of the selection: see memory.py.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,12 +28,16 @@ from pathlib import Path
 
 import torch
 
-from mipp.experiments.config import PLANTED, RunSpec, SweepConfig, expand
-from mipp.experiments.store import RECORD_FORMAT, ResultStore, is_finished
+from mipp.experiments.config import RunSpec, SweepConfig, expand
+from mipp.experiments.memory import PeakMemory
+from mipp.experiments.record import RunRecord
+from mipp.experiments.store import ResultStore, is_finished
+from mipp.io import derived_seed, run_versions, stable_hash
+from mipp.plan import Plan
+from mipp.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 CHANCE_FACTOR = 1.2  # "untrainable": accuracy within 20% (relative) of chance after the largest budget
-PLANTED_SIZES = {"train": 4000, "test": 1000}
 
 
 class NotApplicable(Exception):
@@ -54,84 +53,18 @@ class Splits:
     example: torch.Tensor  # two inputs, to trace models and measure latency
 
 
-class PeakMemory:
-    """Context manager: peak resident memory (MiB) above the level at entry, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.002, device: torch.device | None = None):
-        self.interval, self.device, self.peak_mb, self.cuda_peak_mb = interval, device, None, None
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as handle:
-                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            import resource  # fallback: the high-water mark, so only growth above the previous peak shows
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(self.interval):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak_mb = (max(self.peak, self.rss()) - self.start) / 2 ** 20
-        if self.device is not None and self.device.type == "cuda":
-            self.cuda_peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        return False
-
-
-_VERSIONS: dict = {}
-
-
-def versions() -> dict:
-    """mipp, torch, python, numpy, torch-pruning, and the git commit of the mipp checkout (with a dirty flag)."""
-    if not _VERSIONS:
-        import numpy
-
-        from mipp.plan import current_versions
-
-        _VERSIONS.update(current_versions(), numpy=numpy.__version__)
-        try:
-            import torch_pruning
-
-            _VERSIONS["torch_pruning"] = getattr(torch_pruning, "__version__", None)
-        except ImportError:
-            _VERSIONS["torch_pruning"] = None
-        repo = Path(__file__).resolve().parents[3]
-        try:
-            git = ["git", "-C", str(repo)]
-            commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=10)
-            _VERSIONS["git"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") or None
-        except (OSError, subprocess.SubprocessError):
-            _VERSIONS["git"] = None
-    return dict(_VERSIONS)
-
-
 def skip_reason(run: RunSpec) -> str | None:
     """Why `run` cannot be made at all (recorded instead of crashing), or None."""
     from mipp.methods import get_method
+    from mipp.models import model_entry
 
     info = get_method(run.method["name"])
     if run.regime not in info.regimes:
         return f"{info.name} applies to the {'/'.join(info.regimes)} regime only, not {run.regime}"
     if run.target is None and info.needs_budget:
         return f"{info.name} needs a target (null targets are for MIPP's confidence mode)"
-    if run.model["name"] == PLANTED and run.regime == "init":
-        return "the planted network has planted weights: it is pruned as given (trained regime) only"
+    if model_entry(run.model["name"]).planted is not None and run.regime == "init":
+        return f"the {run.model['name']} network has planted weights: it is pruned as given (trained regime) only"
     return None
 
 
@@ -151,19 +84,21 @@ class Runner:
     # ------------------------------------------------------------------------------------------ inputs
 
     def splits(self, run: RunSpec) -> Splits:
-        from mipp.experiments.config import stable_hash
+        from mipp.models import model_entry
 
-        key = stable_hash([run.data, run.settings["train_eval_n"], run.seed if run.data["name"] == PLANTED else 0])
+        own_data = model_entry(run.model["name"]).data is not None  # labelled by the network of the run's seed
+        key = stable_hash([run.data, run.settings["train_eval_n"], run.seed if own_data else 0])
         if key not in self._splits:
             self._splits = {key: self._load_splits(run)}  # one data set at a time: sweeps are ordered by data
         return self._splits[key]
 
     def _load_splits(self, run: RunSpec) -> Splits:
         from mipp.data import deformed, load_dataset, subset_indices
+        from mipp.models import model_entry
 
-        spec = run.data
-        if spec["name"] == PLANTED:
-            train, test = (planted_split(run.seed, split, **spec["options"]) for split in ("train", "test"))
+        spec, entry = run.data, model_entry(run.model["name"])
+        if entry.data is not None:
+            train, test = (own_split(entry, run.seed, split, spec) for split in ("train", "test"))
         else:
             train, test = (load_dataset(spec["name"], split, root=self.data_root, limit=spec["limit"], seed=0,
                                         **spec["options"]) for split in ("train", "test"))
@@ -174,27 +109,27 @@ class Runner:
         return Splits(train, test, train_eval, int(train.num_classes), train.images[:2].clone())
 
     def build(self, run: RunSpec, splits: Splits) -> torch.nn.Module:
-        """The seeded initialisation of the run's model (the planted network as planted)."""
-        from mipp.models import build_model
+        """The seeded initialisation of the run's model (a network with planted weights as planted)."""
+        from mipp.models import build_model, model_entry
 
         spec = dict(run.model)
         name = spec.pop("name")
-        if name == PLANTED:
-            from mipp.experiments.planted import planted_network
-
-            return planted_network(run.seed)
+        if model_entry(name).planted is not None:
+            spec["seed"] = run.seed  # its weights are a function of the run's seed
         _, channels, size, _ = splits.train.images.shape
         with torch.random.fork_rng():
             torch.manual_seed(run.seed)
             return build_model(name, num_classes=splits.num_classes, in_channels=channels, input_size=size, **spec)
 
     def base(self, run: RunSpec, splits: Splits) -> tuple[torch.nn.Module, dict]:
-        """(base model, its metrics): the initialisation for "init", the trained model for "trained"."""
+        """(base model, its metrics): the initialisation for "init", the trained model for "trained" (a network with
+        planted weights as planted)."""
+        from mipp.models import model_entry
         from mipp.train import TrainConfig, evaluate
 
         key = (run.regime, str(self.store.base_dir(run)))
         if key not in self._bases:
-            if run.regime == "init" or run.model["name"] == PLANTED:
+            if run.regime == "init" or model_entry(run.model["name"]).planted is not None:
                 model = self.build(run, splits)
                 metrics = {"test_accuracy": evaluate(model, splits.test, device=self.device)["accuracy"]}
             else:
@@ -207,41 +142,43 @@ class Runner:
 
     # --------------------------------------------------------------------------------------------- a run
 
-    def execute(self, run: RunSpec, record: dict | None = None) -> dict:
+    def execute(self, run: RunSpec, record: RunRecord | None = None) -> RunRecord:
         """Make (or complete) the record of `run` and store it; returns it."""
         started = time.perf_counter()
-        if record is None or record.get("status") not in ("done", "partial"):
+        if record is None or record.status not in ("done", "partial"):
             reason = skip_reason(run)
             if reason:
-                return self._finish(header(run, "skipped", reason))
+                return self.finish(header(run, "skipped", reason))
             splits = self.splits(run)
             base, base_metrics = self.base(run, splits)
             try:
                 record = self._prune(run, splits, base, base_metrics)
             except NotApplicable as err:
-                return self._finish(header(run, "skipped", str(err)))
+                return self.finish(header(run, "skipped", str(err)))
             self.store.put(record)
         splits = self.splits(run)
         base, _ = self.base(run, splits)
         for epochs in run.finetune_epochs:
-            if str(epochs) not in record["finetune"]:
+            if str(epochs) not in record.finetune:
                 ft_started = time.perf_counter()
-                record["finetune"][str(epochs)] = self._finetune(run, splits, base, record, epochs)
-                record["timings"].setdefault("finetune_seconds", {})[str(epochs)] = time.perf_counter() - ft_started
-                record["collapse"] = collapse(record, splits.num_classes)
+                record.finetune[str(epochs)] = self._finetune(run, splits, base, record, epochs)
+                record.timings.setdefault("finetune_seconds", {})[str(epochs)] = time.perf_counter() - ft_started
+                record.collapse = collapse(record, splits.num_classes)
                 self.store.put(record)
-        record["timings"]["last_session_seconds"] = time.perf_counter() - started
-        record["status"] = "done"
-        return self._finish(record)
+        record.timings["last_session_seconds"] = time.perf_counter() - started
+        record.status = "done"
+        return self.finish(record)
 
-    def _finish(self, record: dict) -> dict:
-        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    def finish(self, record: RunRecord) -> RunRecord:
+        """Stamp the time the record was finished and store it."""
+        record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.store.put(record)
         return record
 
-    def _prune(self, run: RunSpec, splits: Splits, base, base_metrics: dict) -> dict:
+    def _prune(self, run: RunSpec, splits: Splits, base, base_metrics: dict) -> RunRecord:
         from mipp.api import select_plan
         from mipp.measure import count_macs, count_params
+        from mipp.models import model_entry
 
         try:
             with PeakMemory(device=self.device) as memory:
@@ -254,45 +191,41 @@ class Runner:
                 seconds = time.perf_counter() - started
         except ValueError as err:  # the method cannot make this plan (a criterion without BN, an unreachable target)
             raise NotApplicable(f"{type(err).__name__}: {err}") from err
-        pruned = plan.apply(copy.deepcopy(base), splits.example)
+        pruned = apply_plan(copy.deepcopy(base), plan, splits.example)  # traced again: the selection is timed alone
         started = time.perf_counter()
         scores = self.scores(pruned, splits)
-        # decisions (per-unit scores) are too big to keep; stats and versions are stored below, once
-        plan_data = {k: v for k, v in plan.to_dict().items() if k not in ("decisions", "stats", "versions")}
         record = header(run, "partial")
-        record.update(
-            base={"test_accuracy": base_metrics["test_accuracy"], "params": count_params(base),
-                  "macs": count_macs(base, splits.example),
-                  "dir": str(self.store.base_dir(run).name) if run.regime == "trained" else None},
-            plan=plan_data,
-            layers=list(reversed(plan.sizes)),  # group keys from the input to the output
-            units_kept={k: len(v) for k, v in plan.kept.items()},
-            kept_fraction={k: len(v) / plan.sizes[k] for k, v in plan.kept.items()},
-            removed={m: plan.stats[f"{m}_removed"] for m in ("units", "params", "macs")},
-            measured={"params": count_params(pruned), "macs": count_macs(pruned, splits.example)},
-            selection={"seconds": seconds, "peak_rss_mb": memory.peak_mb, "cuda_peak_mb": memory.cuda_peak_mb,
-                       "method_stats": {k: v for k, v in plan.stats.items() if not k.startswith(("units", "params",
-                                                                                                 "macs"))}},
-            pruned=scores, finetune={"0": dict(scores)},
-            timings={"selection_seconds": seconds, "evaluate_seconds": time.perf_counter() - started,
-                     "base_train_seconds": base_metrics.get("train_seconds")},
-        )
+        record.base = {"test_accuracy": base_metrics["test_accuracy"], "params": count_params(base),
+                       "macs": count_macs(base, splits.example),
+                       "dir": str(self.store.base_dir(run).name) if run.regime == "trained" else None}
+        # decisions (per-unit scores) are too big to keep; stats and versions are stored below, once
+        record.plan = {k: v for k, v in plan.to_dict().items() if k not in ("decisions", "stats", "versions")}
+        record.layers = list(reversed(plan.sizes))  # group keys from the input to the output
+        record.units_kept = {k: len(v) for k, v in plan.kept.items()}
+        record.kept_fraction = {k: len(v) / plan.sizes[k] for k, v in plan.kept.items()}
+        record.removed = {m: plan.stats[f"{m}_removed"] for m in ("units", "params", "macs")}
+        record.measured = {"params": count_params(pruned), "macs": count_macs(pruned, splits.example)}
+        record.selection = {"seconds": seconds, "peak_rss_mb": memory.peak_mb, "cuda_peak_mb": memory.cuda_peak_mb,
+                            "method_stats": {k: v for k, v in plan.stats.items()
+                                             if not k.startswith(("units", "params", "macs"))}}
+        record.pruned, record.finetune = scores, {"0": dict(scores)}
+        record.timings = {"selection_seconds": seconds, "evaluate_seconds": time.perf_counter() - started,
+                          "base_train_seconds": base_metrics.get("train_seconds")}
         if self.latency:
-            record["latency_ms"] = latency(pruned, splits.example)
-            label = record["model"]
-            if label not in self._base_latency:
-                self._base_latency = {label: latency(base, splits.example)}
-            record["base_latency_ms"] = self._base_latency[label]
-        if run.model["name"] == PLANTED:
-            record["planted"] = planted_recovery(plan.kept)
-        record["collapse"] = collapse(record, splits.num_classes)
+            record.latency_ms = latency(pruned, splits.example)
+            if record.model not in self._base_latency:
+                self._base_latency = {record.model: latency(base, splits.example)}
+            record.base_latency_ms = self._base_latency[record.model]
+        truth = model_entry(run.model["name"]).planted
+        if truth is not None:
+            record.planted = truth.recovery(plan.kept)
+        record.collapse = collapse(record, splits.num_classes)
         return record
 
-    def _finetune(self, run: RunSpec, splits: Splits, base, record: dict, epochs: int) -> dict:
-        from mipp.plan import Plan
-        from mipp.train import TrainConfig, derived_seed, fit
+    def _finetune(self, run: RunSpec, splits: Splits, base, record: RunRecord, epochs: int) -> dict:
+        from mipp.train import TrainConfig, fit
 
-        pruned = Plan.from_dict(record["plan"]).apply(copy.deepcopy(base), splits.example)
+        pruned = apply_plan(copy.deepcopy(base), Plan.from_dict(record.plan), splits.example)
         settings = run.settings["train" if run.regime == "init" else "finetune"]
         config = TrainConfig(**settings, epochs=epochs, seed=derived_seed(run.seed, "finetune") % 2 ** 31,
                              device=str(self.device))
@@ -311,10 +244,19 @@ class Runner:
         return {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "train_accuracy": train["accuracy"]}
 
 
-def header(run: RunSpec, status: str, reason: str | None = None) -> dict:
-    return {"format": RECORD_FORMAT, "run_id": run.run_id, "status": status, "reason": reason, **run.labels,
-            "method_name": run.method["name"], "regime": run.regime, "target": run.target, "metric": run.metric,
-            "seed": run.seed, "config": run.identity(), "versions": versions()}
+def own_split(entry, seed: int, split: str, spec: dict):
+    """One split of the own data of a network with planted weights: inputs labelled by the network of `seed`."""
+    from mipp.data import ArrayDataset
+
+    inputs, labels, classes = entry.data(seed, split, **spec["options"])
+    return ArrayDataset(inputs, labels, name=spec["name"], split=split, classes=classes)
+
+
+def header(run: RunSpec, status: str, reason: str | None = None) -> RunRecord:
+    """A record of `run` with only what the run is: the results come later."""
+    return RunRecord(run_id=run.run_id, status=status, reason=reason, **run.labels, method_name=run.method["name"],
+                     regime=run.regime, target=run.target, metric=run.metric, seed=run.seed, config=run.identity(),
+                     versions=run_versions())
 
 
 def latency(model, example: torch.Tensor) -> dict:
@@ -330,39 +272,14 @@ def latency(model, example: torch.Tensor) -> dict:
         torch.set_num_threads(threads)
 
 
-def collapse(record: dict, num_classes: int) -> dict:
-    guard = list(record["plan"]["guard_hits"])
-    budgets = sorted(int(b) for b in record["finetune"] if int(b) > 0)
+def collapse(record: RunRecord, num_classes: int) -> dict:
+    guard = list(record.plan["guard_hits"])
+    budgets = record.budgets()
     untrainable = None
     if budgets:
-        untrainable = record["finetune"][str(budgets[-1])]["test_accuracy"] <= CHANCE_FACTOR / num_classes
+        untrainable = record.finetune[str(budgets[-1])]["test_accuracy"] <= CHANCE_FACTOR / num_classes
     return {"guard": bool(guard), "guard_groups": guard, "untrainable": untrainable,
             "any": bool(guard) or bool(untrainable), "chance": 1.0 / num_classes}
-
-
-def planted_recovery(kept: dict) -> dict:
-    """How much of the planted truth a plan recovered: dead units removed, one unit per relation, unique kept."""
-    from mipp.experiments.planted import TRUTH
-
-    alive = set(kept[TRUTH.group])
-    dead = sum(u not in alive for u in TRUTH.dead)
-    relations = sum(sum(u not in alive for u in relation) == 1 for relation in TRUTH.relations)
-    unique = sum(u in alive for u in TRUTH.unique)
-    exact = (dead, relations, unique) == (len(TRUTH.dead), len(TRUTH.relations), len(TRUTH.unique))
-    return {"dead_removed": dead, "relations_resolved": relations, "unique_kept": unique, "exact": exact}
-
-
-def planted_split(seed: int, split: str, n: int | None = None):
-    """Gaussian inputs labelled by the planted network of `seed` (its argmax): accuracy = agreement with it."""
-    from mipp.data import ArrayDataset
-    from mipp.experiments.planted import planted_inputs, planted_network
-
-    n = n or PLANTED_SIZES[split]
-    inputs = planted_inputs(n, seed=1000 + {"train": 0, "test": 1}[split])
-    with torch.no_grad():
-        labels = planted_network(seed)(inputs).argmax(1)
-    return ArrayDataset(inputs[:, None, None, :], labels, name=PLANTED, split=split,
-                        classes=tuple(f"output_{i}" for i in range(4)))
 
 
 # ------------------------------------------------------------------------------------------------- a sweep
@@ -403,9 +320,10 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
                 record = runner.execute(run, existing)
             except Exception as err:  # noqa: BLE001 - one broken run must not stop a night's sweep
                 log.error("run %s (%s) failed: %s", run.run_id, name, err)
-                record = runner._finish({**header(run, "failed", f"{type(err).__name__}: {err}"),
-                                         "traceback": traceback.format_exc(limit=8)})
-            counts[record["status"]] += 1
+                record = header(run, "failed", f"{type(err).__name__}: {err}")
+                record.traceback = traceback.format_exc(limit=8)
+                record = runner.finish(record)
+            counts[record.status] += 1
             if progress and not interactive:
                 log.info("[%d/%d] %s: %s", index + 1, len(runs), name, _outcome(record))
             if on_record is not None:
@@ -420,8 +338,6 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
 def shard_runs(runs: list[RunSpec], index: int, count: int) -> list[RunSpec]:
     """Shard `index` of `count`: runs at initialisation round-robin, trained runs by base model (round-robin over the
     base models), so that no base model is trained by two processes."""
-    from mipp.experiments.config import stable_hash
-
     bases = list(dict.fromkeys(stable_hash(r.base_identity()) for r in runs if r.regime == "trained"))
     mine, position = [], 0
     for run in runs:
@@ -434,10 +350,10 @@ def shard_runs(runs: list[RunSpec], index: int, count: int) -> list[RunSpec]:
     return mine
 
 
-def _outcome(record: dict) -> str:
-    if record["status"] != "done":
-        return f"{record['status']} ({record['reason']})"
-    last = max(record["finetune"], key=int)
-    return (f"{100 * record['removed']['units']:.1f}% units removed, test accuracy "
-            f"{100 * record['pruned']['test_accuracy']:.2f}% -> {100 * record['finetune'][last]['test_accuracy']:.2f}% "
+def _outcome(record: RunRecord) -> str:
+    if record.status != "done":
+        return f"{record.status} ({record.reason})"
+    last = max(record.finetune, key=int)
+    return (f"{100 * record.removed['units']:.1f}% units removed, test accuracy "
+            f"{100 * record.pruned['test_accuracy']:.2f}% -> {100 * record.finetune[last]['test_accuracy']:.2f}% "
             f"after {last} epoch(s)")

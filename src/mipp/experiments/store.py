@@ -16,12 +16,13 @@ import logging
 import time
 from pathlib import Path
 
-from mipp.checkpoint import atomic_write_json, load_model, save_model
-from mipp.experiments.config import RunSpec, SweepConfig, stable_hash
+from mipp.checkpoint import load_model, save_model
+from mipp.experiments.config import RunSpec, SweepConfig
+from mipp.io import atomic_write_json, stable_hash
+from mipp.experiments.record import RECORD_FORMAT, RunRecord
 
+__all__ = ["RECORD_FORMAT", "ResultStore", "is_finished", "stable_view"]
 log = logging.getLogger(__name__)
-RECORD_FORMAT = "mipp-run/1"
-FINISHED = ("done", "skipped", "failed")
 # Fields that measure the machine, not the method: they differ between two runs of the same config.
 VOLATILE = ("timings", "selection", "latency_ms", "finished_at", "versions", "base_latency_ms")
 
@@ -36,8 +37,24 @@ class ResultStore:
     def path(self, run_id: str) -> Path:
         return self.runs_dir / f"{run_id}.json"
 
-    def get(self, run_id: str) -> dict | None:
-        path = self.path(run_id)
+    def get(self, run_id: str) -> RunRecord | None:
+        data = self._read(self.path(run_id))
+        return None if data is None else self._record(data, self.path(run_id))
+
+    def put(self, record: RunRecord) -> None:
+        atomic_write_json(self.path(record.run_id), record.to_dict())
+
+    def records(self) -> list[RunRecord]:
+        """Every run record of this store's format (files of another format are left out)."""
+        out = []
+        for path in sorted(self.runs_dir.glob("*.json")):
+            data = self._read(path)
+            if data is not None and data.get("format") == RECORD_FORMAT:
+                out.append(self._record(data, path))
+        return out
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
         if not path.exists():
             return None
         try:
@@ -46,16 +63,13 @@ class ResultStore:
             log.warning("ignoring unreadable run record %s (it will be recomputed)", path)
             return None
 
-    def put(self, record: dict) -> None:
-        atomic_write_json(self.path(record["run_id"]), record)
-
-    def records(self) -> list[dict]:
-        out = []
-        for path in sorted(self.runs_dir.glob("*.json")):
-            record = self.get(path.stem)
-            if record is not None and record.get("format") == RECORD_FORMAT:
-                out.append(record)
-        return out
+    @staticmethod
+    def _record(data: dict, path: Path) -> RunRecord:
+        try:
+            return RunRecord.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not a run record of {RECORD_FORMAT} ({err}): move it out of the store"
+                             ) from err
 
     def work_path(self, run_id: str, epochs: int) -> Path:
         return self.root / "work" / f"{run_id}-ft{epochs}.pt"
@@ -116,18 +130,17 @@ class ResultStore:
         return out
 
 
-def is_finished(record: dict | None, budgets, retry_failed: bool = False) -> bool:
+def is_finished(record: RunRecord | None, budgets, retry_failed: bool = False) -> bool:
     """A run needs no work: done with every requested budget, skipped, or failed (unless retrying)."""
     if record is None:
         return False
-    status = record.get("status")
-    if status == "skipped" or (status == "failed" and not retry_failed):
+    if record.status == "skipped" or (record.status == "failed" and not retry_failed):
         return True
-    if status not in ("done", "partial"):
+    if record.status not in ("done", "partial"):
         return False
-    return all(str(b) in record.get("finetune", {}) for b in budgets)
+    return all(str(b) in (record.finetune or {}) for b in budgets)
 
 
-def stable_view(record: dict) -> dict:
+def stable_view(record: RunRecord) -> dict:
     """The record without what measures the machine (times, memory, latency, versions): equal for equal configs."""
-    return {k: v for k, v in record.items() if k not in VOLATILE}
+    return {k: v for k, v in record.to_dict().items() if k not in VOLATILE}

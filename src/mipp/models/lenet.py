@@ -4,6 +4,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .registry import register_model, scaled
+
 #: Smallest input side for which both 5x5 convolutions and 2x2 max-pools leave a map of at least 1x1.
 LENET_MIN_INPUT_SIZE = 12
 
@@ -44,3 +46,10 @@ class LeNet5(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.flatten(self.features(x)))
+
+
+@register_model("lenet5", min_input_size=LENET_MIN_INPUT_SIZE)
+def build_lenet5(*, num_classes: int, in_channels: int, input_size: int, width: float):
+    model = LeNet5(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+                   widths=[scaled(c, width) for c in (6, 16, 120, 84)])
+    return model, {}

@@ -8,9 +8,13 @@ pruning work and keep every channel a real, prunable one.
 Each block ends ``relu_out(main(x) + shortcut(x))``: every ReLU is its own module and the add is
 out of place, so forward hooks see every activation and torch-pruning can trace the graph.
 """
+from dataclasses import dataclass
+from functools import partial
 from typing import Sequence, Tuple
 
 from torch import nn
+
+from .registry import register_model, scaled
 
 
 def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Module:
@@ -103,3 +107,50 @@ class ResNet(nn.Module):
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(self.flatten(self.avgpool(x)))
+
+
+STEMS = ("cifar", "imagenet")
+
+
+@dataclass(frozen=True)
+class ResNetPlan:
+    """One ResNet depth: its block, blocks per stage, base stage widths, block expansion, base stem width, and
+    whether it takes a "stem" argument (the ImageNet ResNets) or always has the CIFAR stem."""
+
+    block: type
+    blocks: Tuple[int, ...]
+    base_widths: Tuple[int, ...]
+    expansion: int
+    stem_width: int
+    has_stem: bool
+
+
+RESNETS = {
+    "resnet18": ResNetPlan(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), 1, 64, True),
+    "resnet34": ResNetPlan(BasicBlock, (3, 4, 6, 3), (64, 128, 256, 512), 1, 64, True),
+    "resnet50": ResNetPlan(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), 4, 64, True),
+    "resnet20": ResNetPlan(BasicBlock, (3, 3, 3), (16, 32, 64), 1, 16, False),
+    "resnet56": ResNetPlan(BasicBlock, (9, 9, 9), (16, 32, 64), 1, 16, False),
+}
+
+
+def resolve_stem(stem, input_size: int) -> str:
+    """The stem asked for, or by default "imagenet" for inputs of 128 and more, else "cifar"."""
+    if stem is None:
+        stem = "imagenet" if input_size >= 128 else "cifar"
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(map(repr, STEMS))} (or None for the default); got {stem!r}")
+    return stem
+
+
+def build_resnet(name: str, *, num_classes: int, in_channels: int, input_size: int, width: float, stem=None):
+    plan = RESNETS[name]
+    stem = resolve_stem(stem, input_size) if plan.has_stem else "cifar"
+    stage_widths = [(scaled(c, width), scaled(c * plan.expansion, width)) for c in plan.base_widths]
+    model = ResNet(plan.block, plan.blocks, stage_widths, scaled(plan.stem_width, width), stem=stem,
+                   in_channels=in_channels, num_classes=num_classes)
+    return model, ({"stem": stem} if plan.has_stem else {})
+
+
+for _name, _plan in RESNETS.items():
+    register_model(_name, extras={"stem": None} if _plan.has_stem else {})(partial(build_resnet, _name))

@@ -1,7 +1,10 @@
 """VGG networks with batch normalisation, CIFAR style."""
+from functools import partial
 from typing import Sequence, Union
 
 from torch import nn
+
+from .registry import register_model, scaled
 
 #: Layer plans of Simonyan & Zisserman (2015), configurations A (11), D (16) and E (19);
 #: integers are 3x3 convolution widths, "M" a 2x2 max-pool.
@@ -49,3 +52,12 @@ class VGG(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+
+def build_vgg(name: str, *, num_classes: int, in_channels: int, input_size: int, width: float):
+    cfg = [v if v == "M" else scaled(v, width) for v in VGG_CONFIGS[name]]
+    return VGG(cfg, in_channels=in_channels, input_size=input_size, num_classes=num_classes), {}
+
+
+for _name in VGG_CONFIGS:
+    register_model(_name)(partial(build_vgg, _name))

@@ -1,0 +1,178 @@
+"""The numbers of the report: run rows, means over seeds, MIPP against each baseline (win/loss at equal units and at
+equal MACs), selection cost, planted-truth recovery and the deformed-data comparison.
+
+Stages: "pruned" is the accuracy right after pruning, "ft<b>" after b epochs of fine-tuning (regime "trained") or of
+training the net pruned at initialisation (regime "init").
+
+MIPP against a baseline, at equal units and at equal MACs: per model, data set, regime and stage, a method's curve
+is (mean fraction removed, mean test accuracy) over its targets, means over seeds.  At every point of MIPP's curve
+whose fraction removed lies within the range of the baseline's curve, widened by SLACK on each side, the baseline's
+accuracy is linearly interpolated (held at its end value within the slack; never extrapolated further); MIPP wins when
+it is higher by more than `tie` (accuracy as a fraction), loses when lower by more, and ties otherwise.  The axis is
+the fraction of units removed (equal units) or of MACs removed (equal MACs).  Methods meet a target within 0.5%, so
+when the targets count units, equal units compares the same targets, and equal MACs compares across targets.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+AXES = ("units", "macs")
+SLACK = 0.01  # a level up to 1% of the network outside a baseline's range still compares with its end point
+
+
+def stage_names(records) -> list[str]:
+    budgets = sorted({b for r in records for b in r.budgets()})
+    return ["pruned"] + [f"ft{b}" for b in budgets]
+
+
+def run_rows(records, stages) -> list[dict]:
+    """One row per run: its labels, fractions removed, accuracies per stage, collapse, cost."""
+    rows = []
+    for r in records:
+        row = {"run_id": r.run_id, "model": r.model, "data": r.data, "regime": r.regime, "method": r.method,
+               "method_name": r.method_name, "metric": r.metric, "target": r.target, "seed": r.seed}
+        row.update({f"{m}_removed": r.removed[m] for m in ("units", "params", "macs")})
+        row["base_accuracy"] = r.base["test_accuracy"]
+        for stage in stages:
+            row[f"acc_{stage}"] = r.accuracy(stage)
+            row[f"train_acc_{stage}"] = r.accuracy(stage, "train_accuracy")
+        latency = r.latency_ms or {}
+        row.update(collapse=r.collapse["any"], collapse_guard=r.collapse["guard"],
+                   selection_seconds=r.selection["seconds"], peak_rss_mb=r.selection["peak_rss_mb"],
+                   latency_ms_1=latency.get("1"), latency_ms_64=latency.get("64"))
+        rows.append(row)
+    return rows
+
+
+def present(entries, stages) -> list[str]:
+    """The stages with at least one accuracy among `entries` (budgets may differ between regimes)."""
+    return [s for s in stages if any(not math.isnan(e[f"acc_{s}"]) for e in entries)]
+
+
+def target_order(target) -> float:
+    """Sort key of a target: fractions in order, then "auto" (None)."""
+    return 2.0 if target is None else target
+
+
+def summarize(rows, stages) -> list[dict]:
+    """Mean and std over seeds per (model, data, regime, method, target)."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["model"], row["data"], row["regime"], row["method"], row["metric"], row["target"]].append(row)
+    out = []
+    for key in sorted(groups, key=lambda k: k[:5] + (target_order(k[5]),)):
+        members = groups[key]
+        entry = dict(zip(("model", "data", "regime", "method", "metric", "target"), key), n=len(members),
+                     method_name=members[0]["method_name"])
+        for column in ["units_removed", "params_removed", "macs_removed"] + [f"acc_{s}" for s in stages]:
+            values = np.array([m[column] for m in members], dtype=float)
+            values = values[~np.isnan(values)]
+            entry[column] = float(values.mean()) if len(values) else math.nan
+            entry[f"{column}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        entry["collapse_share"] = float(np.mean([m["collapse"] for m in members]))
+        entry["selection_seconds"] = float(np.median([m["selection_seconds"] for m in members]))
+        out.append(entry)
+    return out
+
+
+def win_loss(summary, stages, reference: str = "mipp", tie: float = 0.002) -> tuple[list[dict], list[dict]]:
+    """(one row per compared level, counts per model/data/regime/baseline/axis/stage); see the module docstring."""
+    curves = defaultdict(dict)  # (model, data, regime) -> method -> rows
+    for entry in summary:
+        curves[entry["model"], entry["data"], entry["regime"]].setdefault(entry["method"], []).append(entry)
+    levels, counts = [], []
+    for (model, data, regime), methods in sorted(curves.items()):
+        if reference not in methods:
+            continue
+        baselines = sorted(m for m, e in methods.items() if e[0]["method_name"] != "mipp")
+        for baseline in baselines:
+            for axis in AXES:
+                for stage in stages:
+                    ref_x, ref_y = curve(methods[reference], axis, stage)
+                    base_x, base_y = curve(methods[baseline], axis, stage)
+                    if not len(ref_x):
+                        continue  # no budget of this length in this regime
+                    tally, differences = {"win": 0, "tie": 0, "loss": 0}, []
+                    for x, y in zip(ref_x, ref_y):
+                        if not len(base_x) or not base_x[0] - SLACK <= x <= base_x[-1] + SLACK:
+                            continue
+                        other = float(np.interp(x, base_x, base_y))
+                        outcome = "win" if y - other > tie else "loss" if other - y > tie else "tie"
+                        tally[outcome] += 1
+                        differences.append(y - other)
+                        levels.append({"model": model, "data": data, "regime": regime, "baseline": baseline,
+                                       "axis": axis, "stage": stage, "level": x, "reference_accuracy": y,
+                                       "baseline_accuracy": other, "difference": y - other, "outcome": outcome})
+                    counts.append({"model": model, "data": data, "regime": regime, "baseline": baseline,
+                                   "axis": axis, "stage": stage, **tally,
+                                   "mean_difference": float(np.mean(differences)) if differences else math.nan})
+    return levels, counts
+
+
+def curve(entries, axis: str, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fractions of `axis` removed, accuracies at `stage`) of one method's summary entries, by fraction."""
+    points = sorted((e[f"{axis}_removed"], e[f"acc_{stage}"]) for e in entries
+                    if not math.isnan(e[f"acc_{stage}"]))
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def verdict(count: dict) -> str:
+    """ahead | behind | even | none: MIPP against one baseline on one axis and stage, by its wins and losses."""
+    if count["win"] + count["tie"] + count["loss"] == 0:
+        return "none"
+    return "ahead" if count["win"] > count["loss"] else "behind" if count["loss"] > count["win"] else "even"
+
+
+def deformed_rows(summary, stages) -> list[dict]:
+    """Accuracy on deformed data minus accuracy on the same data undeformed, per model, regime, method and target
+    (the paper's Fig. 5: pruning at initialisation should suffer, pruning after training should not)."""
+    clean = {(e["model"], e["data"], e["regime"], e["method"], e["metric"], e["target"]): e for e in summary}
+    out = []
+    for e in summary:
+        if not e["data"].endswith("+deform"):
+            continue
+        other = clean.get((e["model"], e["data"][: -len("+deform")], e["regime"], e["method"], e["metric"],
+                           e["target"]))
+        if other is None:
+            continue
+        mine = present([e], stages)
+        row = {k: e[k] for k in ("model", "data", "regime", "method", "metric", "target")}
+        for stage in (mine[0], mine[-1]):
+            row[f"clean_{stage}"], row[f"deformed_{stage}"] = other[f"acc_{stage}"], e[f"acc_{stage}"]
+        row["stages"] = (mine[0], mine[-1])
+        out.append(row)
+    return out
+
+
+def selection_cost(rows) -> list[dict]:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["model"], r["data"], r["method"]].append(r)
+    return [{"model": k[0], "data": k[1], "method": k[2], "n": len(v),
+             "median_seconds": float(np.median([r["selection_seconds"] for r in v])),
+             "mean_seconds": float(np.mean([r["selection_seconds"] for r in v])),
+             "max_peak_rss_mb": float(np.nanmax([r["peak_rss_mb"] or 0.0 for r in v]))}
+            for k, v in sorted(groups.items())]
+
+
+def planted_rows(records) -> list[dict]:
+    """Per method and target: how often and how far the runs on a planted network recovered its truth."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.planted is not None:
+            groups[r.method, r.target].append(r)
+    return [{"method": m, "target": t, "n": len(v), "exact_share": float(np.mean([r.planted["exact"] for r in v])),
+             "dead_removed": float(np.mean([r.planted["dead_removed"] for r in v])),
+             "relations_resolved": float(np.mean([r.planted["relations_resolved"] for r in v])),
+             "unique_kept": float(np.mean([r.planted["unique_kept"] for r in v])),
+             "units_removed": float(np.mean([r.removed["units"] for r in v]))}
+            for (m, t), v in sorted(groups.items(), key=lambda kv: (kv[0][0], target_order(kv[0][1])))]
+
+
+def mean_base_accuracy(records) -> float | None:
+    """The unpruned trained model's test accuracy, mean over seeds (None without a trained run)."""
+    per_seed = {r.seed: r.base["test_accuracy"] for r in records if r.regime == "trained"}
+    return float(np.mean(list(per_seed.values()))) if per_seed else None
