@@ -382,3 +382,16 @@ def test_planted_network_and_its_data_go_together():
     for models, data in ((["planted"], ["synthetic"]), (["mlp"], ["planted"])):
         with pytest.raises(ValueError, match="runs on its own data and nothing else"):
             expand(SweepConfig(**{**PLANTED, "models": models, "data": data}))
+
+
+def test_committed_report_regenerates_from_the_committed_records(tmp_path, monkeypatch):
+    """docs/results.md and docs/tables/*.csv are made from the run records under results/ and nothing else."""
+    stores = sorted(str(path) for path in ROOT.glob("results/*") if (path / "runs").is_dir())
+    if not stores or not (ROOT / "docs" / "results.md").exists():
+        pytest.skip("no committed result stores or report in this checkout")
+    relative = [str(Path(s).relative_to(ROOT)) for s in stores]
+    monkeypatch.chdir(ROOT)  # the report names the stores as given, relative to the repository
+    report.build_report(relative, tmp_path, command=f"mipp report --runs {' '.join(relative)} --out docs")
+    assert (tmp_path / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text()
+    for committed in sorted((ROOT / "docs" / "tables").glob("*.csv")):
+        assert (tmp_path / "tables" / committed.name).read_text() == committed.read_text(), committed.name
