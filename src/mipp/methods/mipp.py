@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from mipp.activations import Activations, capture
 from mipp.methods.base import Budget, PruneContext, finish_plan
-from mipp.mi import get_estimator
+from mipp.mi import CMIEstimator, estimator_class, get_estimator
 from mipp.mi.base import TestResult
 from mipp.plan import Plan, UnitDecision
 from mipp.units import UnitGroup
@@ -185,31 +186,23 @@ def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettin
     return best[0], best[1], step
 
 
-def _estimator(settings: MIPPSettings, seed: int):
-    """Build the estimator; the run's seed goes to those that draw random numbers (permutations, MLP inits)."""
-    import inspect
-
-    from mipp.mi import _CLASSES
-
-    options = dict(settings.estimator_options)
-    accepts = inspect.signature(_CLASSES.get(settings.estimator, object).__init__).parameters
-    if "seed" in accepts:
-        options.setdefault("seed", seed)
-    return get_estimator(settings.estimator, **options)
+def _estimator(settings: MIPPSettings, seed: int) -> CMIEstimator:
+    """Build the estimator with the run's seed (estimator_options may set their own)."""
+    return get_estimator(settings.estimator, **{"seed": seed, **settings.estimator_options})
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
+    """Enough calibration samples for the estimator (its `min_samples`); a warning when a ridge-regularised one has
+    fewer samples than the widest layer has features."""
+    estimator = estimator_class(settings.estimator)
     n = acts.n_samples
     widest = max(v.shape[1] * v.shape[2] for v in acts.units.values())
-    minimum = 50 if settings.estimator != "gaussian" else 20
-    if n < minimum:
+    if n < estimator.min_samples:
         raise ValueError(
-            f"only {n} calibration samples: the {settings.estimator} estimator needs at least {minimum} "
+            f"only {n} calibration samples: the {settings.estimator} estimator needs at least {estimator.min_samples} "
             f"(a few thousand recommended, e.g. n_samples=2000)"
         )
-    if settings.estimator == "gaussian" and n < widest:
-        import warnings
-
+    if estimator.ridge_regularised and n < widest:
         warnings.warn(
             f"{n} calibration samples for a layer of {widest} features: covariances are ridge-regularised, but "
             f"use at least {2 * widest} samples for reliable decisions", stacklevel=3)

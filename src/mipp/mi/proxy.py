@@ -40,6 +40,7 @@ from .base import (
     check_same_n,
     decide,
 )
+from .registry import register_estimator
 
 Params = dict[str, torch.Tensor]
 
@@ -214,6 +215,7 @@ def one_sided_p(increases: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ estimator
+@register_estimator
 class ProxyEstimator(CMIEstimator):
     """Loss-proxy CMI with a one-sided t-test over `repeats` re-fits.
 
