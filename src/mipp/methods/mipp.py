@@ -19,6 +19,7 @@ import torch
 
 from mipp.activations import Activations, capture
 from mipp.methods.base import Budget, PruneContext, finish_plan
+from mipp.methods.registry import register
 from mipp.mi import CMIEstimator, estimator_class, get_estimator
 from mipp.mi.base import TestResult
 from mipp.plan import Plan, UnitDecision
@@ -162,6 +163,13 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
         extra = {"information_share": threshold, "bisection_steps": steps}
     stats = {"capture_seconds": capture_seconds, "selection_seconds": time.perf_counter() - started, **extra}
     return finish_plan(ctx, result.kept, "mipp", record, result.decisions, stats)
+
+
+@register("mipp", needs_budget=False,
+          summary="Mutual-information preserving pruning (Westphal et al. 2024): output-to-input TERC sweep")
+def select_mipp(ctx: PruneContext, budget: Budget | None = None, **options) -> Plan:
+    """The registered method: `select` with MIPPSettings(**options)."""
+    return select(ctx, budget, MIPPSettings(**options))
 
 
 def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettings):
