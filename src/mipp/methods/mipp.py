@@ -20,7 +20,7 @@ import torch
 from mipp.activations import Activations, capture
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
-from mipp.mi import CMIEstimator, estimator_class, get_estimator
+from mipp.mi import estimator_class, get_estimator
 from mipp.mi.base import TestResult
 from mipp.plan import Plan, UnitDecision
 from mipp.units import UnitGroup
@@ -149,7 +149,7 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
                        seed=ctx.seed, device=ctx.device)
     capture_seconds = time.perf_counter() - started
     _check_samples(acts, settings)
-    estimator = _estimator(settings, ctx.seed)
+    estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
     record = {"estimator": settings.estimator, "estimator_options": settings.estimator_options,
               "pool": settings.pool, "n_samples": acts.n_samples, "min_units": ctx.min_units}
     if budget is None:
@@ -194,23 +194,18 @@ def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettin
     return best[0], best[1], step
 
 
-def _estimator(settings: MIPPSettings, seed: int) -> CMIEstimator:
-    """Build the estimator with the run's seed (estimator_options may set their own)."""
-    return get_estimator(settings.estimator, **{"seed": seed, **settings.estimator_options})
-
-
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
     """Enough calibration samples for the estimator (its `min_samples`); a warning when a ridge-regularised one has
     fewer samples than the widest layer has features."""
-    estimator = estimator_class(settings.estimator)
+    estimator_type = estimator_class(settings.estimator)
     n = acts.n_samples
     widest = max(v.shape[1] * v.shape[2] for v in acts.units.values())
-    if n < estimator.min_samples:
+    if n < estimator_type.min_samples:
         raise ValueError(
-            f"only {n} calibration samples: the {settings.estimator} estimator needs at least {estimator.min_samples} "
-            f"(a few thousand recommended, e.g. n_samples=2000)"
+            f"only {n} calibration samples: the {settings.estimator} estimator needs at least "
+            f"{estimator_type.min_samples} (a few thousand recommended, e.g. n_samples=2000)"
         )
-    if estimator.ridge_regularised and n < widest:
+    if estimator_type.ridge_regularised and n < widest:
         warnings.warn(
             f"{n} calibration samples for a layer of {widest} features: covariances are ridge-regularised, but "
             f"use at least {2 * widest} samples for reliable decisions", stacklevel=3)

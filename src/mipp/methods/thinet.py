@@ -150,5 +150,5 @@ def score_thinet(ctx: PruneContext, samples_per_input: int | None = 10, batch_si
         position = torch.empty(group.size, dtype=torch.float64)
         position[torch.as_tensor(orders[group.key])] = torch.arange(group.size, dtype=torch.float64)
         scores[group.key] = 1.0 - (position + 0.5) / group.size
-        ranks[group.key] = [orders[group.key].index(unit) for unit in range(group.size)]
+        ranks[group.key] = position.long().tolist()
     return UnitScores(scores, {"samples_per_input": samples_per_input, "uniform_ratio": True}, ranks)
