@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-from scipy import special, stats
 
 from .base import (
     CMIEstimator,
@@ -382,6 +381,8 @@ class GaussianEstimator(CMIEstimator):
 
 def chi2_p_value(phi: float, n_samples: int, dof: int) -> float:
     """P(chi2_dof >= 2 N phi): the likelihood-ratio test of phi = 0."""
+    from scipy import special  # imported on first use, so that `import mipp` stays quick (scipy takes ~1 s)
+
     return float(special.chdtrc(dof, 2.0 * n_samples * max(phi, 0.0)))  # = scipy.stats.chi2.sf, less overhead
 
 
@@ -475,6 +476,8 @@ class GaussianLayerSession(LayerSession):
         out = torch.full_like(phi, math.nan)
         kept = torch.tensor(self.kept, dtype=torch.long)
         if len(kept):
+            from scipy import stats  # imported on first use, as in chi2_p_value
+
             stat = (2.0 * self.n_samples * phi[kept].clamp_min(0)).numpy()
             out[kept] = torch.as_tensor(stats.chi2.sf(stat, self.d_y * self.f), dtype=DTYPE)
         return out
