@@ -48,16 +48,6 @@ def method_options(name: str, inputs, labels) -> dict:
     return {}
 
 
-def mipp_available() -> str | None:
-    """None if MIPP can run here, else why not."""
-    try:
-        get_method("mipp")
-        import mipp.methods.mipp  # noqa: F401  (imports the estimators)
-    except ImportError as err:
-        return f"MIPP skipped: mipp.mi is not importable yet ({err})"
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
@@ -87,19 +77,13 @@ def main() -> None:
 
     names = [n for n in args.methods.split(",") if n] or \
         [n for n in ORDER if n in method_names()] + [n for n in method_names() if n not in ORDER]
-    notes = []
     for name in names:
-        if name == "mipp" and (why := mipp_available()):
-            notes.append(why)
-            continue
         info = get_method(name)
         plan, seconds = timed(lambda: select_plan(model, data, method=name, budget=args.budget, n_samples=args.samples,
                                                   seed=0, **method_options(name, inputs, labels)))
         regime = "+".join(info.regimes)
         print(f"{name:<13} {regime:<13} {seconds:>9.3f} {seconds / floor:>10.2f} "
               f"{100 * plan.stats['units_removed']:>7.1f}%", flush=True)
-    for note in notes:
-        print(note)
 
 
 if __name__ == "__main__":

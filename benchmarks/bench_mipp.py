@@ -33,7 +33,7 @@ def _set_up_and_test_seconds(name: str, units, target, tests: int) -> tuple[floa
     """(session set-up, mean time of one of the first `tests` tests of the least informative units)."""
     from mipp.mi import get_estimator
 
-    estimator = get_estimator(name, seed=0) if name != "gaussian" else get_estimator(name)
+    estimator = get_estimator(name, seed=0)
     start = time.perf_counter()
     session = estimator.session(units, target, 0.95)
     order = torch.argsort(session.unit_mi())[:tests].tolist()

@@ -13,7 +13,7 @@ from conftest import inputs_for, small_model
 from mipp.api import make_context, prune
 from mipp.methods import Budget, get_method, method_names
 from mipp.methods.gradients import labelled_batches, scoring_copy
-from mipp.methods.torch_pruning_criteria import CRITERIA, fill_gradients, select_tp
+from mipp.methods.torch_pruning_criteria import CRITERIA, GRADIENTS
 from mipp.plan import Plan
 
 MODELS = ("mlp", "lenet5", "vgg11", "resnet18")
@@ -87,16 +87,28 @@ def test_same_seed_same_plan():
         assert first.kept == second.kept, method
 
 
-def test_imp_retrains_between_rounds_and_leaves_the_pruned_model():
+def test_imp_retrains_the_physically_pruned_model_between_rounds(monkeypatch):
+    import mipp.train
+
+    trained = []  # unit widths of every model IMP re-trains
+
+    def recording_fit(model, *args, **kwargs):
+        trained.append({name: m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
+                        for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+        return real_fit(model, *args, **kwargs)
+
+    real_fit = mipp.train.fit
+    monkeypatch.setattr(mipp.train, "fit", recording_fit)
     ctx = context("lenet5")
     model_before = copy.deepcopy(ctx.model.state_dict())
     plan = get_method("imp").select(ctx, Budget(0.5), rounds=2, epochs_per_round=1,
                                     train_options=dict(batch_size=8, lr=0.01))
     assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in model_before.items())  # original untouched
-    pruned = ctx.extras["imp_model"]
-    widths = {name: m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels
-              for name, m in pruned.named_modules() if name in plan.kept}
-    assert widths == {key: len(kept) for key, kept in plan.kept.items()}
+    assert len(trained) == 1  # after every round but the last
+    widths = {key: trained[0][key] for key in plan.kept}
+    assert all(len(plan.kept[key]) <= widths[key] <= size for key, size in plan.sizes.items())
+    first_round = 1 - 0.5 ** 0.5  # the exponential schedule's first target
+    assert 1 - sum(widths.values()) / ctx.units.total_units == pytest.approx(first_round, abs=0.01)
     assert plan.settings["rounds"] == 2 and plan.stats["units_removed"] == pytest.approx(0.5, abs=0.01)
 
 
@@ -114,12 +126,13 @@ def test_torch_pruning_adapter_keeps_what_torch_pruning_keeps(criterion, model_n
     ctx = context(model_name)
     total, ratio = ctx.units.total_units, 0.3
     n_removed = total - int(total * (1 - ratio))  # torch-pruning's definition of the ratio
-    plan = select_tp(ctx, Budget(n_removed / total, "units"), criterion)
+    plan = get_method(criterion).select(ctx, Budget(n_removed / total, "units"))
 
     direct = scoring_copy(ctx.model)
-    if criterion in ("tp-taylor", "tp-hessian"):
-        batches = labelled_batches(ctx.data, N_SAMPLES, seed=ctx.seed)
-        fill_gradients(direct, batches, "gradient" if criterion == "tp-taylor" else "squared")
+    if criterion in GRADIENTS:
+        gradients = GRADIENTS[criterion](direct, labelled_batches(ctx.data, N_SAMPLES, seed=ctx.seed))
+        for name, param in direct.named_parameters():
+            param.grad = gradients[name]
     names = {module: name for name, module in direct.named_modules()}
     pruner = tp.pruner.MetaPruner(direct, ctx.example_input, importance=CRITERIA[criterion](), global_pruning=True,
                                   pruning_ratio=ratio,

@@ -1,61 +1,34 @@
-"""The method registry: every pruning method, MIPP and the baselines, as `select(ctx, budget, **options) -> Plan`."""
+"""Every pruning method, MIPP and the baselines, by name: `get_method(name).select(ctx, budget, **options) -> Plan`.
+
+The registry lives in `mipp.methods.registry`; the built-in method modules are imported below, which registers
+them.
+
+Adding a score-based criterion is one function in one module, plus its test. The function gets the context
+(model, unit groups, calibration data, seed) and its options, and returns one score per unit of every group
+(higher = more important); the shared global ranking (`plan_from_scores`) turns the scores and the budget into a
+Plan, with the method's name and the returned settings recorded:
+
+    from mipp.methods.base import PruneContext, UnitScores
+    from mipp.methods.registry import register_criterion
+
+    @register_criterion("squared-weights", summary="sum of the squares of each unit's own weights")
+    def score_squared_weights(ctx: PruneContext, include_readers: bool = False) -> UnitScores:
+        squared = {name: p.detach().cpu().pow(2) for name, p in ctx.model.named_parameters()}
+        scores = {group.key: group.reduce(squared, include_readers=include_readers) for group in ctx.units.groups}
+        return UnitScores(scores, settings={"include_readers": include_readers})
+
+Put it in an existing module, or in a new one listed in the imports below. Its test calls
+`get_method("squared-weights").score(ctx)` and checks the scores (see tests/test_criteria_registry.py). Methods
+that are not score-then-rank register a full `select(ctx, budget, **options) -> Plan` with `register` instead.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from mipp.methods.base import BUDGET_METRICS, Budget, PruneContext, UnitScores, plan_from_scores
+from mipp.methods.registry import METHODS, MethodInfo, get_method, method_names, register, register_criterion
 
-from mipp.methods.base import BUDGET_METRICS, Budget, PruneContext, plan_from_scores
+# the built-in methods, registered on import
+from mipp.methods import (imp, mipp, prospr, random_magnitude, saliency, synflow, thinet,  # noqa: E402, F401
+                          torch_pruning_criteria)
 
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    select: Callable  # (ctx, budget, **options) -> Plan
-    regimes: tuple[str, ...]  # "init" (at initialisation), "trained" (after training)
-    needs_budget: bool  # False: the method can decide how much to prune by itself (MIPP's confidence mode)
-    summary: str
-
-
-METHODS: dict[str, MethodInfo] = {}
-
-
-def register(name: str, *, regimes=("init", "trained"), needs_budget=True, summary=""):
-    def decorate(select):
-        METHODS[name] = MethodInfo(name, select, tuple(regimes), needs_budget, summary)
-        return select
-    return decorate
-
-
-def get_method(name: str) -> MethodInfo:
-    _load_builtin()
-    if name not in METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(METHODS)
-
-
-def _load_builtin() -> None:
-    import importlib
-    import pkgutil
-
-    import mipp.methods as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name != "base":
-            importlib.import_module(f"mipp.methods.{info.name}")
-
-
-@register("mipp", needs_budget=False,
-          summary="Mutual-information preserving pruning (Westphal et al. 2024): output-to-input TERC sweep")
-def _mipp(ctx, budget=None, **options):
-    from mipp.methods.mipp import MIPPSettings, select
-
-    return select(ctx, budget, MIPPSettings(**options))
-
-
-__all__ = ["BUDGET_METRICS", "Budget", "MethodInfo", "PruneContext", "get_method", "method_names",
-           "plan_from_scores", "register"]
+__all__ = ["BUDGET_METRICS", "Budget", "METHODS", "MethodInfo", "PruneContext", "UnitScores", "get_method",
+           "method_names", "plan_from_scores", "register", "register_criterion"]

@@ -1,8 +1,8 @@
 """What every pruning method shares: the budget, the context it works in, and global ranking into a Plan.
 
-A method is a function (context, budget, settings) -> Plan. Score-based baselines only produce one score per unit
-(higher = more important); `plan_from_scores` turns those into a Plan that removes the lowest-scored units across
-the whole network until the budget is met, never emptying a group.
+A method is a function (context, budget, settings) -> Plan. Score-based criteria only produce one score per unit
+(higher = more important, `UnitScores`); `plan_from_scores` turns those into a Plan that removes the lowest-scored
+units across the whole network until the budget is met, never emptying a group.
 """
 from __future__ import annotations
 
@@ -49,7 +49,6 @@ class PruneContext:
     seed: int = 0
     n_samples: int = 2000
     device: str | None = None
-    extras: dict = field(default_factory=dict)
 
     def min_width(self, size: int) -> int:
         """The collapse guard: how many units a group of `size` keeps at least (>= 1 always)."""
@@ -71,9 +70,20 @@ class PruneContext:
             )
 
 
+@dataclass
+class UnitScores:
+    """What a score-based criterion computes: per group, one score per unit (higher = more important)."""
+
+    scores: dict[str, torch.Tensor]
+    settings: dict = field(default_factory=dict)  # how the scores were made, recorded in the Plan
+    ranks: dict[str, list[int]] | None = None  # optional: each unit's position in the criterion's own order
+
+
 def plan_from_scores(ctx: PruneContext, scores: dict[str, torch.Tensor], budget: Budget, method: str,
-                     settings: dict | None = None) -> Plan:
-    """Global ranking: remove the lowest-scored units network-wide until `budget` is met (bisection on the count)."""
+                     settings: dict | None = None, ranks: dict[str, list[int]] | None = None) -> Plan:
+    """Global ranking: remove the lowest-scored units network-wide until `budget` is met (bisection on the count).
+
+    `ranks`, if given, is recorded in each unit's decision."""
     ctx.check_reachable(budget)
     candidates = []  # (score, group key, unit), the guard's protected units excluded
     for group in ctx.units.groups:
@@ -100,7 +110,8 @@ def plan_from_scores(ctx: PruneContext, scores: dict[str, torch.Tensor], budget:
     if abs(ctx.cost.fractions_removed(kept)[budget.metric] - budget.fraction) > budget.tolerance:
         kept = _fill_to_budget(ctx, candidates, max(low - 1, 0), budget, kept)
     decisions = {
-        g.key: [UnitDecision(unit=i, kept=i in set(kept[g.key]), score=float(scores[g.key][i]))
+        g.key: [UnitDecision(unit=i, kept=i in set(kept[g.key]), score=float(scores[g.key][i]),
+                             rank=None if ranks is None else ranks[g.key][i])
                 for i in range(g.size)]
         for g in ctx.units.groups
     }

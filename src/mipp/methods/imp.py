@@ -6,7 +6,7 @@ removes units up to the round's target on an exponential schedule, kept(k) = (1 
 after the last round, re-trains the physically smaller network for `epochs_per_round` epochs with
 `mipp.train.fit`. The last round ranks with `plan_from_scores` so the Plan meets the budget exactly; units removed
 in earlier rounds stay removed (they rank below every survivor). Weights are not rewound. The Plan refers to the
-original model; the pruned, re-trained copy is left in ctx.extras["imp_model"] for callers that want IMP's weights.
+original model.
 Trained regime; needs a labelled training set (option train_set, else the calibration data if it is labelled).
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import dataclasses
 
 import torch
 
-from mipp.methods import register
 from mipp.methods.base import Budget, PruneContext, plan_from_scores
 from mipp.methods.gradients import labelled_batches, model_device
 from mipp.methods.iterative import exponential_schedule, ranking_with_history
 from mipp.methods.random_magnitude import weight_norms
+from mipp.methods.registry import register
 from mipp.plan import Plan
 from mipp.surgery import apply_plan
 from mipp.units import find_units
@@ -71,9 +71,7 @@ def select_imp(ctx: PruneContext, budget: Budget, rounds: int = 3, epochs_per_ro
         scores = _magnitudes_in_original_indices(model, ctx.example_input, alive, sizes)
         ranked = ranking_with_history(scores, removed_at, rounds)
         if k == rounds - 1:
-            plan = plan_from_scores(ctx, ranked, budget, "imp", settings)
-            ctx.extras["imp_model"] = _prune_to(model, ctx, alive, plan.kept)
-            return plan
+            return plan_from_scores(ctx, ranked, budget, "imp", settings)
         step = plan_from_scores(ctx, ranked, Budget(fraction, budget.metric), "imp")
         kept = {key: [i for i in step.kept[key] if removed_at[key][i] < 0] for key in sizes}
         for key in sizes:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from mipp.activations import Activations, capture
 from mipp.methods.base import Budget, PruneContext, finish_plan
-from mipp.mi import get_estimator
+from mipp.methods.registry import register
+from mipp.mi import estimator_class, get_estimator
 from mipp.mi.base import TestResult
 from mipp.plan import Plan, UnitDecision
 from mipp.units import UnitGroup
@@ -147,7 +149,7 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
                        seed=ctx.seed, device=ctx.device)
     capture_seconds = time.perf_counter() - started
     _check_samples(acts, settings)
-    estimator = _estimator(settings, ctx.seed)
+    estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
     record = {"estimator": settings.estimator, "estimator_options": settings.estimator_options,
               "pool": settings.pool, "n_samples": acts.n_samples, "min_units": ctx.min_units}
     if budget is None:
@@ -161,6 +163,13 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
         extra = {"information_share": threshold, "bisection_steps": steps}
     stats = {"capture_seconds": capture_seconds, "selection_seconds": time.perf_counter() - started, **extra}
     return finish_plan(ctx, result.kept, "mipp", record, result.decisions, stats)
+
+
+@register("mipp", needs_budget=False,
+          summary="Mutual-information preserving pruning (Westphal et al. 2024): output-to-input TERC sweep")
+def select_mipp(ctx: PruneContext, budget: Budget | None = None, **options) -> Plan:
+    """The registered method: `select` with MIPPSettings(**options)."""
+    return select(ctx, budget, MIPPSettings(**options))
 
 
 def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettings):
@@ -185,31 +194,18 @@ def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettin
     return best[0], best[1], step
 
 
-def _estimator(settings: MIPPSettings, seed: int):
-    """Build the estimator; the run's seed goes to those that draw random numbers (permutations, MLP inits)."""
-    import inspect
-
-    from mipp.mi import _CLASSES
-
-    options = dict(settings.estimator_options)
-    accepts = inspect.signature(_CLASSES.get(settings.estimator, object).__init__).parameters
-    if "seed" in accepts:
-        options.setdefault("seed", seed)
-    return get_estimator(settings.estimator, **options)
-
-
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
+    """Enough calibration samples for the estimator (its `min_samples`); a warning when a ridge-regularised one has
+    fewer samples than the widest layer has features."""
+    estimator_type = estimator_class(settings.estimator)
     n = acts.n_samples
     widest = max(v.shape[1] * v.shape[2] for v in acts.units.values())
-    minimum = 50 if settings.estimator != "gaussian" else 20
-    if n < minimum:
+    if n < estimator_type.min_samples:
         raise ValueError(
-            f"only {n} calibration samples: the {settings.estimator} estimator needs at least {minimum} "
-            f"(a few thousand recommended, e.g. n_samples=2000)"
+            f"only {n} calibration samples: the {settings.estimator} estimator needs at least "
+            f"{estimator_type.min_samples} (a few thousand recommended, e.g. n_samples=2000)"
         )
-    if settings.estimator == "gaussian" and n < widest:
-        import warnings
-
+    if estimator_type.ridge_regularised and n < widest:
         warnings.warn(
             f"{n} calibration samples for a layer of {widest} features: covariances are ridge-regularised, but "
             f"use at least {2 * widest} samples for reliable decisions", stacklevel=3)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mipp.methods import register
-from mipp.methods.base import Budget, PruneContext, plan_from_scores
+from mipp.methods.base import PruneContext, UnitScores
 from mipp.methods.gradients import Batches, labelled_batches, model_device, scoring_copy
+from mipp.methods.registry import register_criterion
 from mipp.units import UnitGraph
 
 
@@ -63,14 +63,13 @@ def meta_gradient(model: torch.nn.Module, units: UnitGraph, batches: Batches, in
     return {key: g.detach().cpu() for key, g in zip(masks, grads)}
 
 
-@register("prospr", regimes=("init",),
-          summary="ProsPr (Alizadeh et al. 2022): |meta-gradient| of unit masks through 3 inner SGD steps")
-def select_prospr(ctx: PruneContext, budget: Budget, inner_steps: int = 3, lr: float = 0.05, batch_size: int = 128):
+@register_criterion("prospr", regimes=("init",),
+                    summary="ProsPr (Alizadeh et al. 2022): |meta-gradient| of unit masks through 3 inner SGD steps")
+def score_prospr(ctx: PruneContext, inner_steps: int = 3, lr: float = 0.05, batch_size: int = 128) -> UnitScores:
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     n_samples = min(ctx.n_samples, batch_size * (inner_steps + 1))
     batches = labelled_batches(ctx.data, n_samples, batch_size=batch_size, seed=ctx.seed, method="prospr")
     model = scoring_copy(ctx.model, ctx.device)
     scores = {key: g.abs() for key, g in meta_gradient(model, ctx.units, batches, inner_steps, lr).items()}
-    return plan_from_scores(ctx, scores, budget, "prospr", {"inner_steps": inner_steps, "lr": lr,
-                                                            "batch_size": batch_size})
+    return UnitScores(scores, {"inner_steps": inner_steps, "lr": lr, "batch_size": batch_size})

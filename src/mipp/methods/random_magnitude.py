@@ -6,23 +6,21 @@
   produces it (all partners of a residual addition), without biases or batch-norm parameters. Readers' input
   slices are left out by default (include_readers=True adds them, as Torch-Pruning's group norm does).
 
-Both rank globally (`plan_from_scores`) and apply in either regime.
+Both are score-based criteria, ranked globally, and apply in either regime.
 """
 from __future__ import annotations
 
 import torch
 
-from mipp.methods import register
-from mipp.methods.base import Budget, PruneContext, plan_from_scores
+from mipp.methods.base import PruneContext, UnitScores
+from mipp.methods.registry import register_criterion
 from mipp.units import UnitGraph
 
 
-@register("random", summary="uniform random unit scores (seeded)")
-def select_random(ctx: PruneContext, budget: Budget, **options):
-    _no_options("random", options)
+@register_criterion("random", summary="uniform random unit scores (seeded)")
+def score_random(ctx: PruneContext) -> UnitScores:
     generator = torch.Generator().manual_seed(ctx.seed)
-    scores = {g.key: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in ctx.units.groups}
-    return plan_from_scores(ctx, scores, budget, "random")
+    return UnitScores({g.key: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in ctx.units.groups})
 
 
 def weight_norms(model: torch.nn.Module, units: UnitGraph, p: int = 1, *, include_readers: bool = False
@@ -40,28 +38,17 @@ def weight_norms(model: torch.nn.Module, units: UnitGraph, p: int = 1, *, includ
     return norms
 
 
-def _select_magnitude(ctx: PruneContext, budget: Budget, p: int, name: str, include_readers: bool = False,
-                      **options):
-    _no_options(name, options)
-    scores = weight_norms(ctx.model, ctx.units, p, include_readers=include_readers)
-    return plan_from_scores(ctx, scores, budget, name, {"p": p, "include_readers": include_readers})
+@register_criterion("magnitude", summary="L1 norm of each unit's weights (Li et al. 2017); option p=2 for L2")
+def score_magnitude(ctx: PruneContext, p: int = 1, include_readers: bool = False) -> UnitScores:
+    return UnitScores(weight_norms(ctx.model, ctx.units, p, include_readers=include_readers),
+                      {"p": p, "include_readers": include_readers})
 
 
-@register("magnitude", summary="L1 norm of each unit's weights (Li et al. 2017); option p=2 for L2")
-def select_magnitude(ctx: PruneContext, budget: Budget, p: int = 1, include_readers: bool = False, **options):
-    return _select_magnitude(ctx, budget, p, "magnitude", include_readers, **options)
+@register_criterion("magnitude-l1", summary="L1 norm of each unit's weights (Li et al. 2017)")
+def score_magnitude_l1(ctx: PruneContext, include_readers: bool = False) -> UnitScores:
+    return score_magnitude(ctx, 1, include_readers)
 
 
-@register("magnitude-l1", summary="L1 norm of each unit's weights (Li et al. 2017)")
-def select_magnitude_l1(ctx: PruneContext, budget: Budget, include_readers: bool = False, **options):
-    return _select_magnitude(ctx, budget, 1, "magnitude-l1", include_readers, **options)
-
-
-@register("magnitude-l2", summary="L2 norm of each unit's weights")
-def select_magnitude_l2(ctx: PruneContext, budget: Budget, include_readers: bool = False, **options):
-    return _select_magnitude(ctx, budget, 2, "magnitude-l2", include_readers, **options)
-
-
-def _no_options(method: str, options: dict) -> None:
-    if options:
-        raise TypeError(f"method {method!r} got unknown option(s) {sorted(options)}")
+@register_criterion("magnitude-l2", summary="L2 norm of each unit's weights")
+def score_magnitude_l2(ctx: PruneContext, include_readers: bool = False) -> UnitScores:
+    return score_magnitude(ctx, 2, include_readers)

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import torch
 
-from mipp.methods import register
-from mipp.methods.base import Budget, PruneContext, plan_from_scores
-from mipp.methods.gradients import (Batches, batches_per_round, class_balanced, gauss_newton_vector_product, hessian_vector_product,
-                                    labelled_batches, loss_gradient, named_params, own_param_names,
-                                    reduce_scores, scoring_copy, unit_reduction, zero_removed_units)
+from mipp.methods.base import Budget, PruneContext, UnitScores
+from mipp.methods.gradients import (Batches, batches_per_round, class_balanced, gauss_newton_vector_product,
+                                    hessian_vector_product, labelled_batches, loss_gradient, named_params,
+                                    own_param_names, reduce_scores, scoring_copy, unit_reduction, zero_removed_units)
 from mipp.methods.iterative import prune_progressively
+from mipp.methods.registry import register, register_criterion
 from mipp.units import UnitGraph
 
 GRASP_TEMPERATURE = 200.0
@@ -62,11 +62,12 @@ def snip_scores(model, units: UnitGraph, batches: Batches, include_readers: bool
     return reduce_scores(units, snip_saliency(model, batches), include_readers=include_readers)
 
 
-@register("snip", regimes=("init",), summary="SNIP (Lee et al. 2019): sum of |w * dL/dw| over each unit's weights")
-def select_snip(ctx: PruneContext, budget: Budget, batch_size: int = 256, include_readers: bool = False):
+@register_criterion("snip", regimes=("init",),
+                    summary="SNIP (Lee et al. 2019): sum of |w * dL/dw| over each unit's weights")
+def score_snip(ctx: PruneContext, batch_size: int = 256, include_readers: bool = False) -> UnitScores:
     model = scoring_copy(ctx.model, ctx.device)
     scores = snip_scores(model, ctx.units, _batches(ctx, "snip", batch_size), include_readers)
-    return plan_from_scores(ctx, scores, budget, "snip", {"include_readers": include_readers})
+    return UnitScores(scores, {"include_readers": include_readers})
 
 
 @register("itersnip", regimes=("init",),
@@ -108,17 +109,16 @@ def _grasp_batches(ctx: PruneContext, method: str, samples_per_class: int | None
     return batches if samples_per_class is None else class_balanced(batches, samples_per_class, draw, batch_size)
 
 
-@register("grasp", regimes=("init",),
-          summary="GraSP (Wang et al. 2020): -w * Hg, structured by the L1 norm per unit (MIPP paper)")
-def select_grasp(ctx: PruneContext, budget: Budget, reduction: str = "l1", temperature: float = GRASP_TEMPERATURE,
-                 samples_per_class: int | None = GRASP_SAMPLES_PER_CLASS, batch_size: int = 256,
-                 include_readers: bool = False):
+@register_criterion("grasp", regimes=("init",),
+                    summary="GraSP (Wang et al. 2020): -w * Hg, structured by the L1 norm per unit (MIPP paper)")
+def score_grasp(ctx: PruneContext, reduction: str = "l1", temperature: float = GRASP_TEMPERATURE,
+                samples_per_class: int | None = GRASP_SAMPLES_PER_CLASS, batch_size: int = 256,
+                include_readers: bool = False) -> UnitScores:
     model = scoring_copy(ctx.model, ctx.device)
     batches = _grasp_batches(ctx, "grasp", samples_per_class, batch_size)
     scores = grasp_scores(model, ctx.units, batches, reduction, temperature, include_readers)
-    return plan_from_scores(ctx, scores, budget, "grasp",
-                            {"reduction": reduction, "temperature": temperature, "include_readers": include_readers,
-                             "samples_per_class": samples_per_class})
+    return UnitScores(scores, {"reduction": reduction, "temperature": temperature,
+                               "include_readers": include_readers, "samples_per_class": samples_per_class})
 
 
 @register("itergrasp", regimes=("init",), summary="GraSP re-scored on the masked net, exponential schedule")
@@ -203,12 +203,12 @@ def _unit_means(a_times_grad: torch.Tensor, coupling, n_units: int) -> torch.Ten
     return summed / counts
 
 
-@register("taylor", regimes=("trained",),
-          summary="first-order Taylor (Molchanov et al. 2017): |activation * gradient| per unit")
-def select_taylor(ctx: PruneContext, budget: Budget, normalize: bool = True, batch_size: int = 256):
+@register_criterion("taylor", regimes=("trained",),
+                    summary="first-order Taylor (Molchanov et al. 2017): |activation * gradient| per unit")
+def score_taylor(ctx: PruneContext, normalize: bool = True, batch_size: int = 256) -> UnitScores:
     model = scoring_copy(ctx.model, ctx.device)
     scores = taylor_scores(model, ctx.units, _batches(ctx, "taylor", batch_size), normalize)
-    return plan_from_scores(ctx, scores, budget, "taylor", {"normalize": normalize})
+    return UnitScores(scores, {"normalize": normalize})
 
 
 # ------------------------------------------------------------------------------------------------ SOSP-H
@@ -228,9 +228,9 @@ def sosp_h_scores(model: torch.nn.Module, units: UnitGraph, batches: Batches, ga
     return {key: (-first[key] + 0.5 * second[key]).abs() for key in first}
 
 
-@register("sosp-h", regimes=("trained",),
-          summary="SOSP-H (Nonnenmacher et al. 2022): second-order saliency via one Hessian-vector product")
-def select_sosp_h(ctx: PruneContext, budget: Budget, gauss_newton: bool = True, batch_size: int = 256):
+@register_criterion("sosp-h", regimes=("trained",),
+                    summary="SOSP-H (Nonnenmacher et al. 2022): second-order saliency via one Hessian-vector product")
+def score_sosp_h(ctx: PruneContext, gauss_newton: bool = True, batch_size: int = 256) -> UnitScores:
     model = scoring_copy(ctx.model, ctx.device)
     scores = sosp_h_scores(model, ctx.units, _batches(ctx, "sosp-h", batch_size), gauss_newton)
-    return plan_from_scores(ctx, scores, budget, "sosp-h", {"gauss_newton": gauss_newton})
+    return UnitScores(scores, {"gauss_newton": gauss_newton})

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from mipp.methods import register
 from mipp.methods.base import Budget, PruneContext
 from mipp.methods.gradients import named_params, scoring_copy, unit_reduction, zero_removed_units
 from mipp.methods.iterative import prune_progressively
+from mipp.methods.registry import register
 from mipp.units import UnitGraph
 
 

@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mipp.activations import reader_inputs
-from mipp.methods import register
-from mipp.methods.base import Budget, PruneContext, plan_from_scores
+from mipp.methods.base import PruneContext, UnitScores
 from mipp.methods.gradients import input_batches, model_device
-from mipp.plan import UnitDecision
+from mipp.methods.registry import register_criterion
 from mipp.units import Coupling
 
 
@@ -140,19 +139,16 @@ def thinet_orders(ctx: PruneContext, samples_per_input: int | None = 10, batch_s
     return orders
 
 
-@register("thinet", regimes=("trained",),
-          summary="ThiNet (Luo et al. 2017): greedy per layer, least change of the next layer's output; uniform ratio")
-def select_thinet(ctx: PruneContext, budget: Budget, samples_per_input: int | None = 10, batch_size: int = 64):
+@register_criterion("thinet", regimes=("trained",),
+                    summary="ThiNet (Luo et al. 2017): greedy per layer, least change of the next layer's output; "
+                            "uniform ratio")
+def score_thinet(ctx: PruneContext, samples_per_input: int | None = 10, batch_size: int = 64) -> UnitScores:
+    """The pseudo-score 1 - (k + 1/2) / size of the unit at position k of its group's greedy order (its rank)."""
     orders = thinet_orders(ctx, samples_per_input, batch_size)
-    scores = {}
+    scores, ranks = {}, {}
     for group in ctx.units.groups:
         position = torch.empty(group.size, dtype=torch.float64)
         position[torch.as_tensor(orders[group.key])] = torch.arange(group.size, dtype=torch.float64)
         scores[group.key] = 1.0 - (position + 0.5) / group.size
-    plan = plan_from_scores(ctx, scores, budget, "thinet",
-                            {"samples_per_input": samples_per_input, "uniform_ratio": True})
-    plan.decisions = {
-        key: [UnitDecision(unit=d.unit, kept=d.kept, score=d.score, rank=orders[key].index(d.unit)) for d in ds]
-        for key, ds in plan.decisions.items()
-    }
-    return plan
+        ranks[group.key] = position.long().tolist()
+    return UnitScores(scores, {"samples_per_input": samples_per_input, "uniform_ratio": True}, ranks)

@@ -14,17 +14,24 @@ tp-hessian (HessianImportance, OBD's w^2 * diag H with diag H ~ mean squared per
 gradients are computed with torch.func and written to .grad, which HessianImportance reads when its own
 accumulator is empty (its `accumulate_grad` keys the accumulator by parameter but tests membership by name, so it
 keeps only the last sample's gradient).
+
+The criteria run on the dependency graph `find_units` built for this prune call (`ctx.units.dependency_graph`),
+whose nodes are the modules of `ctx.model` itself: gradients are computed on a scoring copy (as every saliency
+baseline does), written into `ctx.model`'s `.grad` only while the criterion reads them, and the previous `.grad`
+values restored afterwards, so the caller's model is left exactly as it was.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from mipp.methods import register
-from mipp.methods.base import Budget, PruneContext, plan_from_scores
+from mipp.methods.base import PruneContext, UnitScores
 from mipp.methods.gradients import labelled_batches, loss_gradient, model_device, named_params, scoring_copy
-from mipp.units import UnitGraph, build_dependency_graph
+from mipp.methods.registry import register_criterion
+from mipp.units import UnitGraph
 
 CRITERIA = {
     "tp-l1": lambda: tp.importance.MagnitudeImportance(p=1),
@@ -35,17 +42,6 @@ CRITERIA = {
     "tp-bn-scale": lambda: tp.importance.BNScaleImportance(),
     "tp-hessian": lambda: tp.importance.HessianImportance(),
 }
-GRADIENT_CRITERIA = {"tp-taylor": "gradient", "tp-hessian": "squared per-sample gradient"}
-
-
-def fill_gradients(model: torch.nn.Module, batches, kind: str) -> None:
-    """Write into .grad what the criterion reads: the mean loss gradient, or the mean squared per-sample one."""
-    if kind == "gradient":
-        grads = loss_gradient(model, batches)
-    else:
-        grads = mean_squared_sample_gradients(model, batches)
-    for name, param in named_params(model).items():
-        param.grad = grads[name].detach().clone()
 
 
 def mean_squared_sample_gradients(model: torch.nn.Module, batches, chunk: int = 32) -> dict[str, torch.Tensor]:
@@ -69,10 +65,32 @@ def mean_squared_sample_gradients(model: torch.nn.Module, batches, chunk: int = 
     return {name: t / count for name, t in total.items()}
 
 
-def tp_group_scores(model: torch.nn.Module, units: UnitGraph, example_input: torch.Tensor, importance
-                    ) -> dict[str, torch.Tensor]:
-    """Per mipp group, the criterion's score of every unit on torch-pruning's group rooted at the group's key."""
-    graph = build_dependency_graph(model, example_input.to(model_device(model)))
+# what each gradient criterion reads from .grad: the mean loss gradient, or the mean squared per-sample one
+GRADIENTS = {"tp-taylor": loss_gradient, "tp-hessian": mean_squared_sample_gradients}
+
+
+@contextmanager
+def gradients_set(model: torch.nn.Module, grads: dict[str, torch.Tensor] | None):
+    """Within the block, every parameter's .grad is grads[name] (on the parameter's device; None without grads);
+    afterwards each parameter has its previous .grad again."""
+    params = named_params(model)
+    previous = {name: param.grad for name, param in params.items()}
+    try:
+        for name, param in params.items():
+            param.grad = None if grads is None else grads[name].detach().to(param.device).clone()
+        yield model
+    finally:
+        for name, param in params.items():
+            param.grad = previous[name]
+
+
+def tp_group_scores(model: torch.nn.Module, units: UnitGraph, importance) -> dict[str, torch.Tensor]:
+    """Per mipp group, the criterion's score of every unit on torch-pruning's group rooted at the group's key, from
+    the dependency graph `units` was found with (built on `model`)."""
+    graph = units.dependency_graph
+    if graph is None:
+        raise ValueError("the unit graph carries no torch-pruning dependency graph: build it with "
+                         "mipp.units.find_units(model, example_input)")
     scores = {}
     for group in units.groups:
         root = model.get_submodule(group.key)
@@ -88,21 +106,22 @@ def tp_group_scores(model: torch.nn.Module, units: UnitGraph, example_input: tor
     return scores
 
 
-def select_tp(ctx: PruneContext, budget: Budget, criterion: str, batch_size: int = 256):
-    """Score mipp's groups with torch-pruning's `criterion` (a CRITERIA key) and rank globally."""
-    model = scoring_copy(ctx.model, ctx.device)
-    if criterion in GRADIENT_CRITERIA:
+def score_tp(ctx: PruneContext, criterion: str, batch_size: int = 256) -> UnitScores:
+    """Score mipp's groups with torch-pruning's `criterion` (a CRITERIA key), on ctx.model's dependency graph."""
+    grads = None
+    if criterion in GRADIENTS:
         batches = labelled_batches(ctx.data, ctx.n_samples, batch_size=batch_size, seed=ctx.seed, method=criterion)
-        fill_gradients(model, batches, "gradient" if criterion == "tp-taylor" else "squared")
-    scores = tp_group_scores(model, ctx.units, ctx.example_input, CRITERIA[criterion]())
-    return plan_from_scores(ctx, scores, budget, criterion, {"torch_pruning": tp.__version__})
+        grads = GRADIENTS[criterion](scoring_copy(ctx.model, ctx.device), batches)
+    with gradients_set(ctx.model, grads):
+        scores = tp_group_scores(ctx.model, ctx.units, CRITERIA[criterion]())
+    return UnitScores(scores, {"torch_pruning": tp.__version__})
 
 
 def _register(name: str, summary: str):
-    @register(name, summary=f"torch-pruning {summary} on mipp's groups, global ranking")
-    def select(ctx: PruneContext, budget: Budget, batch_size: int = 256):
-        return select_tp(ctx, budget, name, batch_size)
-    return select
+    @register_criterion(name, summary=f"torch-pruning {summary} on mipp's groups, global ranking")
+    def score(ctx: PruneContext, batch_size: int = 256) -> UnitScores:
+        return score_tp(ctx, name, batch_size)
+    return score
 
 
 for _name, _summary in [("tp-l1", "MagnitudeImportance(p=1)"), ("tp-l2", "MagnitudeImportance(p=2)"),

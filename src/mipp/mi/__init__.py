@@ -5,7 +5,9 @@
 - "ksg": Kraskov / Frenzel-Pompe nearest-neighbour estimates, vectorised and chunked in torch; permutation test.
 - "proxy": the paper's estimator, held-out loss increase of a small MLP when a unit is masked; t-test over repeats.
 
-`get_estimator(name, **options)` builds one by name; options are the estimator class's constructor arguments.
+`get_estimator(name, **options)` builds one by name; options are the estimator class's constructor arguments (every
+estimator takes `seed`). A new estimator subclasses `CMIEstimator`, decorates itself with `@register_estimator`,
+and is imported below.
 """
 from __future__ import annotations
 
@@ -13,24 +15,13 @@ from .base import CMIEstimator, GenericLayerSession, LayerSession, TestResult
 from .gaussian import GaussianEstimator, GaussianLayerSession, GaussianMoments
 from .ksg import KSGEstimator
 from .proxy import ProxyEstimator, ProxyLayerSession
+from .registry import ESTIMATORS, estimator_class, estimator_names, get_estimator, register_estimator
 
-ESTIMATOR_NAMES = ("gaussian", "ksg", "proxy")
-_CLASSES = {"gaussian": GaussianEstimator, "ksg": KSGEstimator, "proxy": ProxyEstimator}
-
-
-def get_estimator(name: str = "gaussian", **options) -> CMIEstimator:
-    """The estimator called `name` ("gaussian", "ksg" or "proxy"), built with `options`."""
-    key = str(name).lower()
-    if key not in _CLASSES:
-        raise ValueError(f"unknown MI estimator {name!r}; choose one of {', '.join(ESTIMATOR_NAMES)}")
-    try:
-        return _CLASSES[key](**options)
-    except TypeError as err:
-        raise ValueError(f"bad options for the {key!r} estimator: {err}") from err
-
+ESTIMATOR_NAMES = tuple(estimator_names())  # the built-in estimators
 
 __all__ = [
     "CMIEstimator",
+    "ESTIMATORS",
     "ESTIMATOR_NAMES",
     "GaussianEstimator",
     "GaussianLayerSession",
@@ -41,5 +32,8 @@ __all__ = [
     "ProxyEstimator",
     "ProxyLayerSession",
     "TestResult",
+    "estimator_class",
+    "estimator_names",
     "get_estimator",
+    "register_estimator",
 ]

@@ -126,9 +126,20 @@ class LayerSession(ABC):
 
 
 class CMIEstimator(ABC):
-    """Estimate I(X;Y|Z) in nats from samples and test whether it exceeds zero."""
+    """Estimate I(X;Y|Z) in nats from samples and test whether it exceeds zero.
+
+    The contract every estimator keeps, so that MIPP builds and checks any of them the same way:
+    - `name`: the key it is registered under (`mipp.mi.registry.register_estimator`);
+    - its constructor takes keyword options only, among them `seed` (an int, default 0) for every random number it
+      draws; an estimator that draws none accepts the seed and ignores it;
+    - `min_samples`: the fewest samples MIPP accepts for it (below that its estimates and tests mean nothing);
+    - `ridge_regularised`: True when it regularises covariances with a ridge, so that fewer samples than features
+      still give finite estimates, which MIPP then warns are unreliable.
+    """
 
     name: str
+    min_samples: int = 50
+    ridge_regularised: bool = False
 
     @abstractmethod
     def cmi(self, x, y, z=None) -> float:

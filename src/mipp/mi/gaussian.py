@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-from scipy import special, stats
 
 from .base import (
     CMIEstimator,
@@ -42,6 +41,7 @@ from .base import (
     check_same_n,
     decide,
 )
+from .registry import register_estimator
 
 DTYPE = torch.float64
 
@@ -290,19 +290,23 @@ def transfer_entropy_logdet(cov: torch.Tensor, n_units: int, f: int, kept: list[
 
 
 # ------------------------------------------------------------------------------------------------------ estimator
+@register_estimator
 class GaussianEstimator(CMIEstimator):
     """Closed-form CMI of the Gaussian with the data's (regularised) covariance; chi-squared likelihood-ratio test.
 
     Options: ridge (sources x and z, relative, default 1e-9), target_ridge (y, relative, default 1e-4),
     ridge_scale ("feature", default: relative to each feature's variance, floored at 1e-6 of the block's mean
     variance; "mean": relative to the block's mean variance), floor (absolute, default 1e-12), refresh_every
-    (sessions: recompute P, B, Q from the covariance after this many removals; 0 = never, default).
+    (sessions: recompute P, B, Q from the covariance after this many removals; 0 = never, default), seed (accepted
+    like every estimator's and ignored: the closed form draws no random numbers).
     """
 
     name = "gaussian"
+    min_samples = 20
+    ridge_regularised = True
 
     def __init__(self, ridge: float = 1e-9, target_ridge: float = 1e-4, floor: float = 1e-12, refresh_every: int = 0,
-                 ridge_scale: str = "feature"):
+                 ridge_scale: str = "feature", seed: int = 0):
         if ridge_scale not in RIDGE_SCALES:
             raise ValueError(f"ridge_scale must be one of {RIDGE_SCALES}, got {ridge_scale!r}")
         self.ridge_scale = ridge_scale
@@ -377,6 +381,8 @@ class GaussianEstimator(CMIEstimator):
 
 def chi2_p_value(phi: float, n_samples: int, dof: int) -> float:
     """P(chi2_dof >= 2 N phi): the likelihood-ratio test of phi = 0."""
+    from scipy import special  # imported on first use, so that `import mipp` stays quick (scipy takes ~1 s)
+
     return float(special.chdtrc(dof, 2.0 * n_samples * max(phi, 0.0)))  # = scipy.stats.chi2.sf, less overhead
 
 
@@ -470,6 +476,8 @@ class GaussianLayerSession(LayerSession):
         out = torch.full_like(phi, math.nan)
         kept = torch.tensor(self.kept, dtype=torch.long)
         if len(kept):
+            from scipy import stats  # imported on first use, as in chi2_p_value
+
             stat = (2.0 * self.n_samples * phi[kept].clamp_min(0)).numpy()
             out[kept] = torch.as_tensor(stats.chi2.sf(stat, self.d_y * self.f), dtype=DTYPE)
         return out

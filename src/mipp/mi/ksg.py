@@ -40,6 +40,7 @@ from .base import (
     check_same_n,
     decide,
 )
+from .registry import register_estimator
 
 INF = float("inf")
 
@@ -159,6 +160,7 @@ def local_permutation(neighbours: torch.Tensor, gen: torch.Generator) -> torch.T
     return torch.tensor(perm, dtype=torch.long)
 
 
+@register_estimator
 class KSGEstimator(CMIEstimator):
     """KSG / Frenzel-Pompe CMI with a permutation test.
 

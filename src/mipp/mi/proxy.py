@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 
 from .base import (
     CMIEstimator,
@@ -40,6 +39,7 @@ from .base import (
     check_same_n,
     decide,
 )
+from .registry import register_estimator
 
 Params = dict[str, torch.Tensor]
 
@@ -210,10 +210,13 @@ def one_sided_p(increases: np.ndarray) -> float:
     spread = increases.std(ddof=1)
     if not np.isfinite(spread) or spread <= 1e-12 * max(1.0, abs(increases.mean())):
         return 0.0 if increases.mean() > 0 else 1.0
+    from scipy import stats  # imported on first use, so that `import mipp` stays quick (scipy takes ~1 s)
+
     return float(stats.ttest_1samp(increases, 0.0, alternative="greater").pvalue)
 
 
 # ------------------------------------------------------------------------------------------------------ estimator
+@register_estimator
 class ProxyEstimator(CMIEstimator):
     """Loss-proxy CMI with a one-sided t-test over `repeats` re-fits.
 
