@@ -98,7 +98,8 @@ class CountingMLP(nn.Sequential):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("method,budget", [("mipp", None), ("mipp", 0.3), ("random", 0.3), ("magnitude-l1", 0.3)])
+@pytest.mark.parametrize("method,budget", [("mipp", None), ("mipp", 0.3), ("random", 0.3), ("magnitude-l1", 0.3),
+                                           ("tp-l1", 0.3), ("tp-taylor", 0.3)])
 def test_one_prune_call_traces_the_model_once(monkeypatch, method, budget):
     builds = []
     original = tp.DependencyGraph.build_dependency
@@ -112,11 +113,12 @@ def test_one_prune_call_traces_the_model_once(monkeypatch, method, budget):
     model = CountingMLP()
     data = torch.randn(300, 12)
     example = data[:2]
-    pruned, plan = mipp.prune(model, data, method=method, budget=budget, example_input=example, n_samples=300)
+    labelled = (data, torch.randint(0, 3, (300,)))
+    pruned, plan = mipp.prune(model, labelled, method=method, budget=budget, example_input=example, n_samples=300)
     assert model.calls == [], "the caller's model is copied, never run"
     assert len(builds) == 1, "one dependency graph per prune call, shared by costs, capture and surgery"
     traces = [n for n in pruned.calls if n == len(example)]
     assert len(traces) == 1, f"one forward pass of the example batch (the trace), got batch sizes {pruned.calls}"
     calibration = [n for n in pruned.calls if n != len(example)]
-    assert sum(calibration) in (0, 300), "the rest are the calibration batches (MIPP's capture), each once"
+    assert sum(calibration) in (0, 300), "the rest are calibration batches (MIPP's capture), each once"
     assert pruned[1].out_features == len(plan.kept["1"]) and pruned(example).shape == (2, 3)

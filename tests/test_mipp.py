@@ -6,10 +6,10 @@ import torch
 
 from conftest import inputs_for, small_model
 from mipp import prune, select_plan
-from mipp.experiments.planted import TRUTH, planted_inputs, planted_network
 from mipp.measure import count_macs, count_params
+from mipp.models.planted import TRUTH, planted_inputs, planted_network
 from mipp.plan import Plan
-from mipp.surgery import mask_model
+from mipp.surgery import apply_plan, mask_model
 from mipp.units import find_units
 
 N_CAL = 512
@@ -70,7 +70,7 @@ def test_same_seed_same_plan_and_saved_plan_rebuilds_model(tmp_path):
     _, again = prune(model, data, budget=0.6, n_samples=N_CAL, seed=7)
     assert again.kept == plan.kept and again.decisions == plan.decisions
     plan.save(tmp_path / "plan.json")
-    rebuilt = Plan.load(tmp_path / "plan.json").apply(small_model("resnet18", seed=1))
+    rebuilt = apply_plan(small_model("resnet18", seed=1), Plan.load(tmp_path / "plan.json"))
     rebuilt.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(data[:4]), pruned(data[:4]))

@@ -9,7 +9,6 @@
     statistics.py  means over seeds, win/loss of MIPP against each baseline, cost, planted-truth recovery
     tables.py      CSV and the Markdown of results.md
     figures.py     the figures (matplotlib)
-    planted.py     the planted-redundancy network's names (the network is model "planted" in mipp.models)
 """
 from mipp.experiments.config import RunSpec, SweepConfig, expand
 from mipp.experiments.record import RunRecord
