@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     {"mipp.version", "mipp.io"},
     {"mipp.plan", "mipp.models", "mipp.data", "mipp.mi", "mipp.units"},
-    {"mipp.measure", "mipp.activations", "mipp.surgery", "mipp.checkpoint", "mipp.train"},
+    {"mipp.measure", "mipp.activations", "mipp.surgery", "mipp.reconstruct", "mipp.recalibrate", "mipp.checkpoint",
+     "mipp.train"},
     {"mipp.methods"},
     {"mipp.api"},
     {"mipp.experiments", "mipp.demo"},
@@ -89,13 +90,24 @@ def test_nothing_is_imported_by_a_string():
 class CountingMLP(nn.Sequential):
     """An MLP that notes the batch size of every forward pass of the whole network."""
 
-    def __init__(self):
-        super().__init__(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    def __init__(self, batch_norm: bool = False):
+        norm = [nn.BatchNorm1d(16)] if batch_norm else []
+        super().__init__(nn.Flatten(), nn.Linear(12, 16), *norm, nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                         nn.Linear(8, 3))
         self.calls = []
 
     def forward(self, x):
         self.calls.append(len(x))
         return super().forward(x)
+
+
+# A prune call's forward passes, in order: the trace (the example batch, once); the method's own passes over the
+# calibration data (MIPP's capture: the 300 samples in batches of 256; the other methods here run none on this
+# model); reconstruction's one pass over the same 300 samples through the unpruned model, gathering the re-fitted
+# readers' statistics (only when the plan removes something); then batch-norm recalibration's batches of 128 (none
+# for a model without batch norm).
+CALIBRATION_PASS = [256, 44]
+SELECTION_PASSES = {"mipp": CALIBRATION_PASS}
 
 
 @pytest.mark.parametrize("method,budget", [("mipp", None), ("mipp", 0.3), ("random", 0.3), ("magnitude-l1", 0.3),
@@ -116,9 +128,17 @@ def test_one_prune_call_traces_the_model_once(monkeypatch, method, budget):
     labelled = (data, torch.randint(0, 3, (300,)))
     pruned, plan = mipp.prune(model, labelled, method=method, budget=budget, example_input=example, n_samples=300)
     assert model.calls == [], "the caller's model is copied, never run"
-    assert len(builds) == 1, "one dependency graph per prune call, shared by costs, capture and surgery"
-    traces = [n for n in pruned.calls if n == len(example)]
-    assert len(traces) == 1, f"one forward pass of the example batch (the trace), got batch sizes {pruned.calls}"
-    calibration = [n for n in pruned.calls if n != len(example)]
-    assert sum(calibration) in (0, 300), "the rest are calibration batches (MIPP's capture), each once"
+    assert len(builds) == 1, "one dependency graph per prune call, shared by costs, capture, reconstruction, surgery"
+    reconstruction = CALIBRATION_PASS if plan.units_kept < plan.units_total else []
+    assert pruned.calls == [len(example)] + SELECTION_PASSES.get(method, []) + reconstruction
     assert pruned[1].out_features == len(plan.kept["1"]) and pruned(example).shape == (2, 3)
+
+
+def test_recalibration_adds_its_own_batches_and_nothing_else():
+    torch.manual_seed(0)
+    model = CountingMLP(batch_norm=True).eval()
+    data = torch.randn(300, 12)
+    pruned, plan = mipp.prune(model, data, method="random", budget=0.3, example_input=data[:2], n_samples=300,
+                              recalibration_batches=2)
+    assert pruned.calls == [2] + CALIBRATION_PASS + [128, 128], "trace, reconstruction, 2 recalibration batches"
+    assert plan.stats["recalibration_batches_used"] == 2 and not pruned.training

@@ -1,11 +1,15 @@
 """`mipp.prune`: one call from a model and some data to a physically smaller model and its Plan.
 
 A call traces the model once (`find_units`): the unit graph it returns carries the dependency graph, the module
-order, the MACs and the reading points, and is handed to the cost model, the method (capture, criteria) and surgery.
+order, the MACs and the reading points, and is handed to the cost model, the method (capture, criteria),
+reconstruction and surgery. After selection, by default, the readers of removed units are re-fitted to the original
+outputs (`mipp.reconstruct`, one more pass over the calibration data, before surgery) and batch-norm statistics are
+re-estimated on the pruned model (`mipp.recalibrate`), for every method alike.
 """
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.nn as nn
@@ -13,6 +17,8 @@ import torch.nn as nn
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
 from mipp.plan import Plan
+from mipp.recalibrate import RECALIBRATION_BATCHES, recalibrate_batch_norm
+from mipp.reconstruct import reconstruction_statistics, refit_readers
 from mipp.surgery import apply_plan
 from mipp.units import example_input_for, find_units
 
@@ -54,17 +60,43 @@ def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, me
 
 def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units", min_units=1,
           n_samples: int = 2000, seed: int = 0, example_input=None, inplace: bool = False, device=None,
+          reconstruct: bool = True, recalibrate: bool = True, recalibration_batches: int = RECALIBRATION_BATCHES,
           **options) -> tuple[nn.Module, Plan]:
     """Prune `model` with `method` on calibration `data`; returns (smaller model, Plan).
 
     budget None (MIPP only): confidence mode, the sparsity follows from `confidence` (default 0.95).
     budget 0.5 with metric "units" | "params" | "macs": remove that fraction of the whole network.
     options go to the method (MIPP: estimator="gaussian"|"ksg"|"proxy", confidence, pool, estimator_options).
+    reconstruct: re-fit every reader of removed units by ridge least squares on `n_samples` calibration samples so
+    that it reproduces the original reader's output from the kept units. recalibrate: re-estimate batch-norm
+    statistics on `recalibration_batches` batches of 128 calibration samples. Both are recorded in `plan.settings`,
+    and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
     Unless `inplace`, the model is copied first and the copy is traced, scored and pruned: the caller's model is
-    left untouched, and the one trace serves both the selection and the surgery.
+    left untouched, and the one trace serves the selection, the reconstruction and the surgery.
     """
     target = model if inplace else copy.deepcopy(model)
     context = dict(example_input=example_input, min_units=min_units, n_samples=n_samples, seed=seed, device=device)
     plan, ctx = _select(target, data, method, budget, metric, context, options)
-    apply_plan(target, plan, units=ctx.units)
+    _apply_with_repair(target, plan, ctx, data, reconstruct, recalibrate, recalibration_batches)
     return target, plan
+
+
+def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, reconstruct: bool, recalibrate: bool,
+                       recalibration_batches: int) -> None:
+    """Surgery, with the readers' statistics gathered on the unpruned model before it and their re-fit and the
+    batch-norm recalibration after it; records settings and what was done in the plan."""
+    started = time.perf_counter()
+    statistics = (reconstruction_statistics(target, plan, data, units=ctx.units, n_samples=ctx.n_samples,
+                                            seed=ctx.seed, device=ctx.device) if reconstruct else {})
+    statistics_seconds = time.perf_counter() - started
+    apply_plan(target, plan, units=ctx.units)
+    started = time.perf_counter()
+    refitted = refit_readers(target, statistics)
+    reconstruction_seconds = statistics_seconds + time.perf_counter() - started
+    started = time.perf_counter()
+    batches = recalibrate_batch_norm(target, data, n_batches=recalibration_batches, seed=ctx.seed,
+                                     device=ctx.device) if recalibrate else 0
+    plan.settings.update(reconstruct=reconstruct, recalibrate=recalibrate,
+                         recalibration_batches=recalibration_batches)
+    plan.stats.update(readers_refitted=len(refitted), reconstruction_seconds=reconstruction_seconds,
+                      recalibration_batches_used=batches, recalibration_seconds=time.perf_counter() - started)

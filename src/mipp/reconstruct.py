@@ -1,0 +1,222 @@
+"""Reconstruction: re-fit the readers of pruned units so that they still compute what they computed before.
+
+Removing units changes what every reader of them (the next Linear / Conv) receives. Following the spec (section 7,
+ThiNet / He et al. 2017 style), each weighted reader whose input channels lose units is re-fitted by ridge least
+squares on the calibration data: from its KEPT input channels it should reproduce the ORIGINAL reader's own output
+(its pre-activation, before any batch norm), on its kept output rows.
+
+One pass, bounded memory: `reconstruction_statistics` runs the calibration batches once through the unpruned model
+with forward hooks on the affected readers and accumulates, in float64 on the model's device, only what the normal
+equations need (the Gram matrix of the kept input features, their cross-product with the kept outputs, both sums and
+the row count), never the activations themselves. A Linear reads its input features directly (a Linear after a
+Flatten reads several features per unit: the couplings' `index` says which); a convolution's features are its
+input patches (channel-major, as `weight.reshape(out, -1)` lays them out) at a seeded random sample of output
+positions per image, and its target is its output at those positions. After surgery `refit_readers` solves the
+normal equations per reader and writes the solution into the pruned module.
+
+Each reader is fitted on the original network's inputs, so errors that earlier layers leave are not compensated
+downstream; they are small where earlier readers were re-fitted too. Grouped and depthwise convolutions are skipped
+with a warning (each of their outputs reads only its own group of inputs; their kept weights stay as they are).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mipp.activations import calibration_batches
+from mipp.plan import Plan
+from mipp.surgery import check_plan_matches, plan_input
+from mipp.units import WEIGHTED_READERS, UnitGraph, find_units
+
+# Ridge, relative to the mean variance of a reader's kept input features: small enough that an exactly redundant
+# unit is replaced to float tolerance (relative output error ~1e-6), large enough to keep the solve well posed when
+# kept features are constant (dead units) or collinear.
+RIDGE = 1e-6
+# Output positions sampled per image for a convolution's patches (all of them when the map is smaller): with 2,000
+# images that is 64,000 rows, enough for readers of up to a few thousand patch features.
+POSITIONS_PER_IMAGE = 32
+
+
+@dataclass
+class ReaderStatistics:
+    """Sufficient statistics of one reader's least-squares problem, on its kept input columns and output rows."""
+
+    name: str
+    kept_inputs: torch.Tensor  # input channels (Conv) or input features (Linear) kept, ascending
+    kept_outputs: torch.Tensor  # output rows kept, ascending
+    fit_bias: bool
+    gram: torch.Tensor  # (k, k) sum of x x^T over rows, float64
+    cross: torch.Tensor  # (k, out) sum of x y^T
+    input_sum: torch.Tensor  # (k,)
+    output_sum: torch.Tensor  # (out,)
+    rows: int = 0
+
+    def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        features, targets = features.double(), targets.double()
+        self.gram.addmm_(features.T, features)
+        self.cross.addmm_(features.T, targets)
+        self.input_sum += features.sum(0)
+        self.output_sum += targets.sum(0)
+        self.rows += features.shape[0]
+
+    def solve(self, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Ridge least-squares weights (out, k) and bias (out,) or None; the bias is not penalised (the problem is
+        centred first)."""
+        if self.rows == 0:
+            raise ValueError(f"reader {self.name!r} never ran on the calibration data: check that the data reaches it")
+        gram, cross = self.gram / self.rows, self.cross / self.rows
+        if self.fit_bias:
+            mean_x, mean_y = self.input_sum / self.rows, self.output_sum / self.rows
+            gram = gram - torch.outer(mean_x, mean_x)
+            cross = cross - torch.outer(mean_x, mean_y)
+        scale = float(gram.diagonal().mean()) or 1.0
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        weight = torch.linalg.solve(gram + ridge * scale * eye, cross).T
+        bias = mean_y - weight @ mean_x if self.fit_bias else None
+        return weight, bias
+
+
+def affected_readers(model: nn.Module, plan: Plan, units: UnitGraph) -> tuple[dict[str, tuple], list[str]]:
+    """Readers to re-fit, name -> (kept input columns, kept output rows), and the grouped convolutions touched by
+    the plan (skipped). Columns and rows come from the couplings' `index`, so a Linear after a Flatten loses every
+    feature of a removed unit, and a reader of a concatenation loses the right slice of each group."""
+    lost_inputs: dict[str, set[int]] = {}
+    lost_outputs: dict[str, set[int]] = {}
+    grouped: list[str] = []
+    for group in units.groups:
+        removed = torch.tensor(plan.removed(group.key), dtype=torch.long)
+        if group.key not in plan.kept or removed.numel() == 0:
+            continue
+        for coupling in group.couplings:
+            module = model.get_submodule(coupling.module_name)
+            if not isinstance(module, WEIGHTED_READERS):
+                continue
+            if getattr(module, "groups", 1) > 1:
+                grouped.append(coupling.module_name)
+                continue
+            lost = lost_inputs if coupling.kind == "in" else lost_outputs
+            columns = coupling.index[torch.isin(coupling.unit, removed)]
+            lost.setdefault(coupling.module_name, set()).update(columns.tolist())
+    readers = {}
+    for name, lost in lost_inputs.items():
+        if not lost or name in grouped:
+            continue
+        module = model.get_submodule(name)
+        width_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        kept_in = [i for i in range(width_in) if i not in lost]
+        kept_out = [i for i in range(module.weight.shape[0]) if i not in lost_outputs.get(name, set())]
+        readers[name] = (torch.tensor(kept_in, dtype=torch.long), torch.tensor(kept_out, dtype=torch.long))
+    return readers, sorted(set(grouped))
+
+
+def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: UnitGraph | None = None,
+                              example_input: torch.Tensor | None = None, n_samples: int = 2000,
+                              batch_size: int = 256, seed: int = 0, positions_per_image: int = POSITIONS_PER_IMAGE,
+                              device: str | torch.device | None = None) -> dict[str, ReaderStatistics]:
+    """Run the calibration data once through the UNPRUNED `model` (eval mode, no gradients) and accumulate every
+    affected reader's least-squares statistics. Call it before `apply_plan`, then `refit_readers` after it.
+
+    `units` is the model's trace (traced here when None). Grouped convolutions touched by the plan are named in a
+    warning and skipped."""
+    units = units or find_units(model, plan_input(model, plan, example_input))
+    check_plan_matches(plan, units)
+    readers, grouped = affected_readers(model, plan, units)
+    for name in grouped:
+        warnings.warn(f"reconstruction skips {name!r}: it is a grouped or depthwise convolution, whose outputs each "
+                      "read only their own group of inputs; its kept weights stay as they are", stacklevel=2)
+    device = torch.device(device or next(model.parameters()).device)
+    statistics = {name: _empty_statistics(name, model.get_submodule(name), kept_in, kept_out, device)
+                  for name, (kept_in, kept_out) in readers.items()}
+    if not statistics:
+        return statistics
+    generator = torch.Generator().manual_seed(seed)
+    handles = [model.get_submodule(name).register_forward_hook(_accumulate(stats, generator, positions_per_image))
+               for name, stats in statistics.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration_batches(data, n_samples, batch_size, seed):
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return statistics
+
+
+def refit_readers(model: nn.Module, statistics: dict[str, ReaderStatistics], *, ridge: float = RIDGE) -> list[str]:
+    """Write each reader's least-squares solution into the PRUNED `model` (after `apply_plan`); returns their
+    names."""
+    with torch.no_grad():
+        for name, stats in statistics.items():
+            module = model.get_submodule(name)
+            expected = (len(stats.kept_outputs), len(stats.kept_inputs))
+            if tuple(module.weight.shape[:2]) != expected:
+                raise ValueError(
+                    f"reader {name!r} has weight shape {tuple(module.weight.shape)} but the plan leaves it "
+                    f"{expected} (outputs, inputs): apply the plan the statistics were collected for, once, before "
+                    "refit_readers"
+                )
+            weight, bias = stats.solve(ridge)
+            module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
+            if bias is not None:
+                module.bias.copy_(bias.to(module.bias.dtype))
+    return list(statistics)
+
+
+def _empty_statistics(name, module, kept_in, kept_out, device) -> ReaderStatistics:
+    kernel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
+    k, out = len(kept_in) * kernel, len(kept_out)
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+    return ReaderStatistics(name, kept_in, kept_out, module.bias is not None, zeros(k, k), zeros(k, out), zeros(k),
+                            zeros(out))
+
+
+def _accumulate(stats: ReaderStatistics, generator: torch.Generator, positions: int):
+    def hook(module, inputs, output):
+        x, y = inputs[0].detach(), output.detach()
+        if isinstance(module, nn.Linear):
+            features, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            features = features[:, stats.kept_inputs.to(x.device)]
+        else:
+            features, targets = _sampled_patches(module, x, y, stats.kept_inputs, generator, positions)
+        stats.add(features, targets[:, stats.kept_outputs.to(y.device)])
+    return hook  # returns None: the output is left alone
+
+
+def _sampled_patches(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, kept_channels: torch.Tensor,
+                     generator: torch.Generator, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input patches of the kept channels, (rows, kept * kernel) channel-major, and the conv's output (rows, out) at
+    `positions` output positions per image drawn without replacement (all when the map is smaller). Stride,
+    padding (and its mode) and dilation are the conv's own."""
+    n, spatial = x.shape[0], y.shape[2:]
+    total = math.prod(spatial)
+    count = min(positions, total)
+    flat = torch.rand(n, total, generator=generator).argsort(1)[:, :count].to(x.device)  # (n, count)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = nn.functional.pad(x[:, kept_channels.to(x.device)], conv._reversed_padding_repeated_twice, mode=mode)
+    d = len(spatial)
+    index = [torch.arange(n, device=x.device).view(n, 1, *[1] * d)]
+    remaining = flat
+    coordinates = []
+    for size in reversed(spatial):  # unravel the flat position, last dimension first
+        coordinates.insert(0, remaining % size)
+        remaining = remaining // size
+    for axis, (coordinate, kernel, stride, dilation) in enumerate(zip(coordinates, conv.kernel_size, conv.stride,
+                                                                       conv.dilation)):
+        offsets = torch.arange(kernel, device=x.device) * dilation
+        shape = [1] * d
+        shape[axis] = kernel
+        index.append(coordinate.view(n, count, *[1] * d) * stride + offsets.view(1, 1, *shape))
+    patches = padded[(index[0], slice(None), *index[1:])]  # (n, count, *kernel, kept): advanced indices first
+    patches = patches.movedim(-1, 2).reshape(n * count, -1)
+    targets = torch.gather(y.flatten(2), 2, flat.unsqueeze(1).expand(n, y.shape[1], count))
+    return patches, targets.transpose(1, 2).reshape(n * count, y.shape[1])
