@@ -38,6 +38,24 @@ def test_prune_writes_a_smaller_model_its_plan_and_summary(capsys, trained, tmp_
     assert evaluated["pruned"] and evaluated["accuracy"] == pytest.approx(result["accuracy_pruned"])
 
 
+def test_reconstruction_and_recalibration_flags_round_trip(capsys, trained, tmp_path):
+    base = ["prune", "--checkpoint", str(trained / "model.pt"), *SYNTHETIC, "--method", "random", "--budget", "0.5",
+            "--samples", "300"]
+    on = run_json(capsys, base + ["--out", str(tmp_path / "on")])
+    off = run_json(capsys, base + ["--no-reconstruct", "--no-recalibrate", "--recalibration-batches", "3",
+                                   "--out", str(tmp_path / "off")])
+    assert (on["reconstruct"], on["recalibrate"], on["recalibration_batches"]) == (True, True, 16)
+    assert (off["reconstruct"], off["recalibrate"], off["recalibration_batches"]) == (False, False, 3)
+    assert on["readers_refitted"] >= 1 and off["readers_refitted"] == 0
+    for name, result in (("on", on), ("off", off)):
+        settings = Plan.load(tmp_path / name / "plan.json").settings
+        assert {k: settings[k] for k in ("reconstruct", "recalibrate", "recalibration_batches")} == \
+            {k: result[k] for k in ("reconstruct", "recalibrate", "recalibration_batches")}
+    with pytest.raises(SystemExit):
+        main(base + ["--recalibration-batches", "0"])
+    assert "not a positive number of batches" in capsys.readouterr().err
+
+
 def test_prune_rejects_bad_input_with_a_message(capsys, trained):
     assert main(["prune", "--checkpoint", str(trained / "missing.pt"), *SYNTHETIC]) == 2
     assert "missing.pt" in capsys.readouterr().err

@@ -15,8 +15,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of batches, e.g. 16")
+    return value
+
+
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     from mipp.methods import BUDGET_METRICS
+    from mipp.recalibrate import RECALIBRATION_BATCHES
 
     parser = add_command(subparsers, "prune", prune_command, render=render_prune,
                          help="prune a saved model; writes the pruned model, its Plan and a per-layer summary")
@@ -34,6 +42,12 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=2000, help="calibration samples (default 2000)")
     parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra option of the method, e.g. rounds=5 for imp or p=2 for magnitude (repeatable)")
+    parser.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                        help="re-fit the readers of removed units to the original outputs (default on)")
+    parser.add_argument("--recalibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="re-estimate batch-norm statistics after pruning (default on)")
+    parser.add_argument("--recalibration-batches", type=_positive, default=RECALIBRATION_BATCHES,
+                        help=f"calibration batches of 128 for --recalibrate (default {RECALIBRATION_BATCHES})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model (default 0)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
@@ -68,9 +82,13 @@ def prune_command(args: argparse.Namespace) -> dict:
                           **method_options}
     min_units = int(args.min_units) if args.min_units >= 1 else args.min_units
     pruned, plan = prune(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
-                         min_units=min_units, n_samples=args.samples, seed=args.seed, **method_options)
+                         min_units=min_units, n_samples=args.samples, seed=args.seed, reconstruct=args.reconstruct,
+                         recalibrate=args.recalibrate, recalibration_batches=args.recalibration_batches,
+                         **method_options)
     before, after = evaluate(model, splits["test"], device=device), evaluate(pruned, splits["test"], device=device)
     result = {"method": args.method, "budget": args.budget, "metric": args.metric,
+              "reconstruct": args.reconstruct, "recalibrate": args.recalibrate,
+              "recalibration_batches": args.recalibration_batches,
               "accuracy_before": before["accuracy"], "accuracy_pruned": after["accuracy"],
               "params_before": count_params(model), "params_after": count_params(pruned),
               **{k: v for k, v in plan.stats.items()}, "guard_hits": plan.guard_hits}
