@@ -1,0 +1,174 @@
+"""Reconstruction and batch-norm recalibration: exact where the removed units are exactly redundant, better than
+plain removal elsewhere, and every reader layout (Flatten, residual streams, concatenations, grouped convs)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mipp
+from conftest import inputs_for, small_model
+from mipp.models.planted import TRUTH, planted_inputs, planted_network
+from mipp.plan import Plan
+from mipp.recalibrate import batch_norms
+
+
+def manual_plan(removed: dict[str, list[int]], sizes: dict[str, int]) -> Plan:
+    kept = {key: [i for i in range(size) if i not in removed.get(key, [])] for key, size in sizes.items()}
+    return Plan(kept=kept, sizes=sizes, method="manual")
+
+
+def prune_by_hand(model, plan, data, example, reconstruct=True):
+    """The select/apply flow a user writes by hand: statistics before surgery, re-fit after."""
+    pruned = copy.deepcopy(model)
+    units = mipp.find_units(pruned, example)
+    statistics = mipp.reconstruction_statistics(pruned, plan, data, units=units, n_samples=len(data))
+    mipp.apply_plan(pruned, plan, units=units)
+    if reconstruct:
+        mipp.refit_readers(pruned, statistics)
+    return pruned
+
+
+def max_error(a, b, x):
+    with torch.no_grad():
+        return float((a(x) - b(x)).abs().max())
+
+
+def relative_mse(model, reference, x):
+    with torch.no_grad():
+        target = reference(x)
+        return float(((model(x) - target) ** 2).mean() / target.var())
+
+
+def test_linear_reader_replaces_an_exactly_redundant_unit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)).eval()  # linear hidden layer: unit 5 = unit 0 + unit 1
+    with torch.no_grad():
+        model[0].weight[5] = model[0].weight[0] + model[0].weight[1]
+        model[0].bias[5] = model[0].bias[0] + model[0].bias[1]
+    data, held_out = torch.randn(500, 6), torch.randn(200, 6)
+    plan = manual_plan({"0": [5]}, {"0": 8})
+    assert max_error(prune_by_hand(model, plan, data, data[:2]), model, held_out) < 1e-4
+    assert max_error(prune_by_hand(model, plan, data, data[:2], reconstruct=False), model, held_out) > 1e-2
+
+
+@pytest.mark.parametrize("conv,options", [
+    (nn.Conv2d, dict(kernel_size=3, stride=2, padding=2, dilation=2)),
+    (nn.Conv1d, dict(kernel_size=3, padding=1, padding_mode="reflect")),
+    (nn.Conv3d, dict(kernel_size=2, stride=1)),
+], ids=["conv2d-stride-dilation", "conv1d-reflect", "conv3d"])
+def test_conv_reader_patches_follow_the_weight_layout(conv, options):
+    """A conv reader after a linear conv whose channel 5 = channel 0 + channel 1: re-fitted from its sampled patches,
+    it reproduces its output exactly, which only holds if the patches match weight.reshape(out, -1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 6, kernel_size=1), conv(6, 4, **options)).eval()
+    with torch.no_grad():
+        model[0].weight[5] = model[0].weight[0] + model[0].weight[1]
+        model[0].bias[5] = model[0].bias[0] + model[0].bias[1]
+    spatial = {nn.Conv1d: (12,), nn.Conv2d: (9, 9), nn.Conv3d: (5, 5, 5)}[conv]
+    data, held_out = torch.randn(200, 2, *spatial), torch.randn(20, 2, *spatial)
+    pruned = prune_by_hand(model, manual_plan({"0": [5]}, {"0": 6}), data, data[:2])
+    assert max_error(pruned, model, held_out) < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_planted_network_is_pruned_losslessly_and_its_truth_recovered(seed):
+    model, data = planted_network(seed), planted_inputs(4000, seed=seed)
+    pruned, plan = mipp.prune(model, data, example_input=data[:2], n_samples=4000, confidence=0.99)
+    assert TRUTH.recovery(plan.kept)["exact"]
+    held_out = planted_inputs(1000, seed=100 + seed)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(held_out), model(held_out), rtol=1e-5, atol=1e-4)
+    assert plan.settings["reconstruct"] and plan.stats["readers_refitted"] == 1
+
+
+class ConcatNet(nn.Module):
+    """Two conv branches concatenated and read by one conv, then a Linear after a Flatten. Branch b's channel 2 is a
+    copy of branch a's channel 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.merge = nn.Conv2d(11, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 8 * 8, 4)
+        with torch.no_grad():
+            self.b.weight[2], self.b.bias[2] = self.a.weight[0], self.a.bias[0]
+
+    def forward(self, x):
+        h = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+        return self.head(torch.relu(self.merge(h)).flatten(1))
+
+
+def test_concatenation_reader_takes_the_right_slice_of_each_group():
+    torch.manual_seed(0)
+    model = ConcatNet().eval()
+    data, held_out = torch.randn(300, 3, 8, 8), torch.randn(50, 3, 8, 8)
+    plan = manual_plan({"b": [2]}, {"a": 6, "b": 5, "merge": 8})
+    assert max_error(prune_by_hand(model, plan, data, data[:2]), model, held_out) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet18", "lenet5", "concat"])
+def test_reconstruction_reduces_the_error_of_a_random_plan_on_held_out_inputs(name):
+    torch.manual_seed(0)
+    model = ConcatNet().eval() if name == "concat" else small_model(name)
+    make = (lambda n, seed: torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))) \
+        if name == "concat" else (lambda n, seed: inputs_for(model, n, seed=seed, rank=16))
+    data, held_out = make(1024, 0), make(256, 1)
+    errors = {}
+    for reconstruct in (False, True):
+        pruned, plan = mipp.prune(model, data, method="random", budget=0.4, n_samples=1024, example_input=data[:2],
+                                  reconstruct=reconstruct, recalibrate=False)
+        errors[reconstruct] = relative_mse(pruned, model, held_out)
+    assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_depthwise_reader_is_skipped_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).eval()
+    data = torch.randn(100, 3, 4, 4)
+    with pytest.warns(UserWarning, match="'2'.*depthwise"):
+        pruned, plan = mipp.prune(model, data, method="random", budget=0.3, n_samples=100, example_input=data[:2])
+    assert pruned(data[:2]).shape == (2, 3)
+    assert plan.stats["readers_refitted"] >= 1  # the dense readers are still re-fitted
+
+
+def test_calibration_data_forms_give_the_same_statistics():
+    model = small_model("lenet5")
+    x = inputs_for(model, 300)
+    plan = manual_plan({"features.0": [0, 3]}, {g.key: g.size for g in mipp.find_units(model).groups})
+    forms = [x, (x, torch.zeros(300)), DataLoader(TensorDataset(x, torch.zeros(300)), batch_size=256)]
+    found = [mipp.reconstruction_statistics(model, plan, data, n_samples=300)["features.3"] for data in forms]
+    for other in found[1:]:
+        assert torch.equal(other.gram, found[0].gram) and torch.equal(other.cross, found[0].cross)
+
+
+def test_recalibrated_statistics_are_the_calibration_batches_own():
+    model = small_model("vgg11")
+    data = inputs_for(model, 256)
+    pruned, plan = mipp.prune(model, data, method="random", budget=0.4, n_samples=256, reconstruct=False,
+                              recalibration_batches=2)
+    assert plan.stats["recalibration_batches_used"] == 2
+    probe = copy.deepcopy(pruned)  # the same pruned net, its batch norms normalising with batch statistics
+    norms = batch_norms(probe)
+    seen = {norm: [] for norm in norms}
+    for norm in norms:
+        norm.train()
+        norm.register_forward_pre_hook(lambda m, inputs: seen[m].append(inputs[0].transpose(0, 1).flatten(1)))
+    with torch.no_grad():
+        for batch in data.split(128):
+            probe(batch)
+    for norm, recalibrated in zip(norms, batch_norms(pruned)):
+        mean = torch.stack([x.mean(1) for x in seen[norm]]).mean(0)
+        var = torch.stack([x.var(1) for x in seen[norm]]).mean(0)  # unbiased, averaged over batches
+        torch.testing.assert_close(recalibrated.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(recalibrated.running_var, var, rtol=1e-4, atol=1e-5)
+        assert recalibrated.momentum == 0.1 and not recalibrated.training
+
+
+def test_recalibration_leaves_a_model_without_batch_norm_alone():
+    model = small_model("lenet5")
+    before = copy.deepcopy(model.state_dict())
+    assert mipp.recalibrate_batch_norm(model, inputs_for(model, 64)) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
