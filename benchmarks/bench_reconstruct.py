@@ -1,0 +1,92 @@
+"""Selection plus reconstruction on VGG-11 (width 0.5, 2,000 calibration samples), against the capture forward pass.
+
+The reference is one pass of the calibration samples through the unpruned model under torch.no_grad (batches of
+256, as capture runs them), measured in the same run. MIPP selects in budget mode (50% of MACs); reconstruction is
+timed as its statistics pass (before surgery) and its solves (after), for several numbers of sampled output
+positions per image (the default is marked); batch-norm recalibration is timed apart. Every line is a ratio to the
+reference; issue 13 asks for selection plus reconstruction at most 3x. The last column is what the time buys: the
+pruned model's output error against the original on 500 held-out inputs (mean squared error over the output
+variance), without reconstruction and with each setting.
+
+Run: .venv/bin/python benchmarks/bench_reconstruct.py [--samples 2000] [--width 0.5] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from mipp.activations import calibration_batches
+from mipp.api import make_context
+from mipp.methods import Budget, get_method
+from mipp.models import build_model
+from mipp.recalibrate import recalibrate_batch_norm
+from mipp.reconstruct import POSITIONS_PER_IMAGE, reconstruction_statistics, refit_readers
+from mipp.surgery import apply_plan
+from mipp.units import find_units
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def forward_pass(model, data, n_samples: int) -> None:
+    with torch.no_grad():
+        for batch in calibration_batches(data, n_samples):
+            model(batch)
+
+
+def relative_error(pruned, model, held_out) -> float:
+    with torch.no_grad():
+        reference = model(held_out)
+        return float(((pruned(held_out) - reference) ** 2).mean() / reference.var())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine a second thread mostly contends)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = build_model("vgg11", in_channels=3, input_size=32, width=args.width).eval()
+    data = torch.randn(args.samples, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    forward_pass(model, data, args.samples)  # warm-up
+    _, floor = timed(lambda: forward_pass(model, data, args.samples))
+    ctx = make_context(model, data, n_samples=args.samples)
+    plan, selection = timed(lambda: get_method("mipp").select(ctx, Budget(0.5, "macs")))
+    print(f"VGG-11 width {args.width}: {args.samples} calibration samples, {torch.get_num_threads()} threads; "
+          f"MIPP removes {100 * plan.stats['macs_removed']:.1f}% of MACs")
+    held_out = torch.randn(500, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    plain = apply_plan(copy.deepcopy(model), plan, ctx.example_input)
+    print(f"{'what':<58} {'seconds':>9} {'x forward':>10} {'rel. error':>10}")
+    rows = [("forward pass of the calibration samples (the reference)", floor, None),
+            ("MIPP selection, budget 50% of MACs (capture included)", selection, None),
+            ("plain removal (no reconstruction)", 0.0, relative_error(plain, model, held_out))]
+    for positions in sorted({16, POSITIONS_PER_IMAGE, 64}):
+        target = copy.deepcopy(model)
+        units = find_units(target, ctx.example_input)
+        statistics, gather = timed(lambda: reconstruction_statistics(
+            target, plan, data, units=units, n_samples=args.samples, positions_per_image=positions))
+        apply_plan(target, plan, units=units)
+        _, solve = timed(lambda: refit_readers(target, statistics))
+        mark = " (default)" if positions == POSITIONS_PER_IMAGE else ""
+        rows += [(f"reconstruction statistics pass, {positions} positions/image{mark}", gather, None),
+                 (f"reconstruction solves ({len(statistics)} readers)", solve, None),
+                 (f"selection + reconstruction, {positions} positions/image{mark}", selection + gather + solve,
+                  relative_error(target, model, held_out))]
+    _, recalibration = timed(lambda: recalibrate_batch_norm(target, data))
+    rows.append(("batch-norm recalibration (16 batches of 128)", recalibration, None))
+    for label, seconds, error in rows:
+        shown = "" if error is None else f"{error:.4f}"
+        print(f"{label:<58} {seconds:>9.3f} {seconds / floor:>10.2f} {shown:>10}")
+
+
+if __name__ == "__main__":
+    main()
