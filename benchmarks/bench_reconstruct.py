@@ -68,7 +68,7 @@ def main() -> None:
     print(f"{'what':<58} {'seconds':>9} {'x forward':>10} {'rel. error':>10}")
     rows = [("forward pass of the calibration samples (the reference)", floor, None),
             ("MIPP selection, budget 50% of MACs (capture included)", selection, None),
-            ("plain removal (no reconstruction)", 0.0, relative_error(plain, model, held_out))]
+            ("plain removal (no reconstruction)", None, relative_error(plain, model, held_out))]
     for positions in sorted({16, POSITIONS_PER_IMAGE, 64}):
         target = copy.deepcopy(model)
         units = find_units(target, ctx.example_input)
@@ -84,8 +84,8 @@ def main() -> None:
     _, recalibration = timed(lambda: recalibrate_batch_norm(target, data))
     rows.append(("batch-norm recalibration (16 batches of 128)", recalibration, None))
     for label, seconds, error in rows:
-        shown = "" if error is None else f"{error:.4f}"
-        print(f"{label:<58} {seconds:>9.3f} {seconds / floor:>10.2f} {shown:>10}")
+        time_columns = f"{'':>9} {'':>10}" if seconds is None else f"{seconds:>9.3f} {seconds / floor:>10.2f}"
+        print(f"{label:<58} {time_columns} {'' if error is None else f'{error:.4f}':>10}")
 
 
 if __name__ == "__main__":

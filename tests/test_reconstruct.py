@@ -114,10 +114,10 @@ def test_reconstruction_reduces_the_error_of_a_random_plan_on_held_out_inputs(na
     model = ConcatNet().eval() if name == "concat" else small_model(name)
     make = (lambda n, seed: torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))) \
         if name == "concat" else (lambda n, seed: inputs_for(model, n, seed=seed, rank=16))
-    data, held_out = make(1024, 0), make(256, 1)
+    data, held_out = make(512, 0), make(256, 1)
     errors = {}
     for reconstruct in (False, True):
-        pruned, plan = mipp.prune(model, data, method="random", budget=0.4, n_samples=1024, example_input=data[:2],
+        pruned, plan = mipp.prune(model, data, method="random", budget=0.4, n_samples=512, example_input=data[:2],
                                   reconstruct=reconstruct, recalibrate=False)
         errors[reconstruct] = relative_mse(pruned, model, held_out)
     assert errors[True] < 0.5 * errors[False], errors

@@ -29,8 +29,8 @@ def recalibrate_batch_norm(model: nn.Module, data, *, n_batches: int = RECALIBRA
                            device: str | torch.device | None = None) -> int:
     """Re-estimate the running mean and variance of every batch norm of `model` (in place) on `n_batches` batches of
     calibration `data` (a tensor, an (inputs, labels) pair, a Dataset or a DataLoader); returns the number of
-    batches used (0 for a model without batch norm, which is left untouched). A batch of one sample cannot give a
-    variance and is skipped."""
+    batches used (0 for a model without batch norm, which is left untouched). A DataLoader keeps its own batch size
+    (up to n_batches x batch_size samples are read). A batch of one sample cannot give a variance and is skipped."""
     norms = batch_norms(model)
     if not norms:
         return 0

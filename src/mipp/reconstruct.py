@@ -88,8 +88,8 @@ def affected_readers(model: nn.Module, plan: Plan, units: UnitGraph) -> tuple[di
     lost_outputs: dict[str, set[int]] = {}
     grouped: list[str] = []
     for group in units.groups:
-        removed = torch.tensor(plan.removed(group.key), dtype=torch.long)
-        if group.key not in plan.kept or removed.numel() == 0:
+        removed = torch.tensor(plan.removed(group.key) if group.key in plan.kept else [], dtype=torch.long)
+        if removed.numel() == 0:
             continue
         for coupling in group.couplings:
             module = model.get_submodule(coupling.module_name)
