@@ -8,7 +8,7 @@ reference; issue 13 asks for selection plus reconstruction at most 3x. The last 
 pruned model's output error against the original on 500 held-out inputs (mean squared error over the output
 variance), without reconstruction and with each setting.
 
-Run: .venv/bin/python benchmarks/bench_reconstruct.py [--samples 2000] [--width 0.5] [--threads 1]
+Run: .venv/bin/python benchmarks/bench_reconstruct.py [--samples 2000] [--width 0.5] [--threads 1] [--positions 4,16,32]
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine a second thread mostly contends)")
+    parser.add_argument("--positions", default=f"4,16,{POSITIONS_PER_IMAGE}",
+                        help="comma-separated sampled output positions per image to compare")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -69,7 +71,7 @@ def main() -> None:
     rows = [("forward pass of the calibration samples (the reference)", floor, None),
             ("MIPP selection, budget 50% of MACs (capture included)", selection, None),
             ("plain removal (no reconstruction)", None, relative_error(plain, model, held_out))]
-    for positions in sorted({16, POSITIONS_PER_IMAGE, 64}):
+    for positions in sorted({int(p) for p in args.positions.split(",")}):
         target = copy.deepcopy(model)
         units = find_units(target, ctx.example_input)
         statistics, gather = timed(lambda: reconstruction_statistics(

@@ -6,8 +6,8 @@ squares on the calibration data: from its KEPT input channels it should reproduc
 (its pre-activation, before any batch norm), on its kept output rows.
 
 One pass, bounded memory: `reconstruction_statistics` runs the calibration batches once through the unpruned model
-with forward hooks on the affected readers and accumulates, in float64 on the model's device, only what the normal
-equations need (the Gram matrix of the kept input features, their cross-product with the kept outputs, both sums and
+with forward hooks on the affected readers and accumulates on the model's device (each batch's products in the
+activations' precision, the running sums in float64) only what the normal equations need (the Gram matrix of the kept input features, their cross-product with the kept outputs, both sums and
 the row count), never the activations themselves. A Linear reads its input features directly (a Linear after a
 Flatten reads several features per unit: the couplings' `index` says which); a convolution's features are its
 input patches (channel-major, as `weight.reshape(out, -1)` lays them out) at a seeded random sample of output
@@ -56,11 +56,12 @@ class ReaderStatistics:
     rows: int = 0
 
     def add(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        features, targets = features.double(), targets.double()
-        self.gram.addmm_(features.T, features)
-        self.cross.addmm_(features.T, targets)
-        self.input_sum += features.sum(0)
-        self.output_sum += targets.sum(0)
+        """One batch's products in the activations' own precision, their running sums in float64 (the products
+        dominate the cost; a batch has at most a few thousand rows, so float32 sums lose nothing that matters)."""
+        self.gram += (features.T @ features).double()
+        self.cross += (features.T @ targets).double()
+        self.input_sum += features.sum(0, dtype=torch.float64)
+        self.output_sum += targets.sum(0, dtype=torch.float64)
         self.rows += features.shape[0]
 
     def solve(self, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
