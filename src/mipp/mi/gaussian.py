@@ -400,6 +400,8 @@ class GaussianLayerSession(LayerSession):
         self.cov = equilibrate(cov)  # the regularised covariance as a correlation matrix (same MI, better numerics)
         self.n_units, self.f, self.n_samples = int(n_units), int(f), int(n_samples)
         self.d_y = cov.shape[0] - self.n_units * self.f
+        # the target's own (regularised) variances: they turn correlation-scale residuals back into its scale
+        self.target_variance = torch.diagonal(cov)[self.n_units * self.f:].clone()
         self.confidence = check_confidence(confidence)
         self.refresh_every = int(refresh_every)
         self.kept = list(range(self.n_units))
@@ -481,6 +483,20 @@ class GaussianLayerSession(LayerSession):
             stat = (2.0 * self.n_samples * phi[kept].clamp_min(0)).numpy()
             out[kept] = torch.as_tensor(stats.chi2.sf(stat, self.d_y * self.f), dtype=DTYPE)
         return out
+
+    def variance_share_lost(self, i: int) -> float:
+        """Share of Cov(Y)'s trace that the kept units could no longer explain without unit i (see LayerSession).
+
+        Removing block I raises the residual covariance by B_I P_II^{-1} B_I^T (the Schur complement that `remove`
+        applies), so the share is trace(D B_I P_II^{-1} B_I^T D) / trace(D^2) with D^2 = diag(target_variance):
+        the correlation-scale residual weighted back by each target feature's own variance. The units' scales
+        cancel; the ridges enter only as their tiny relative amounts (the target ridge inflates the denominator by
+        a factor 1 + target_ridge).
+        """
+        sl = self._slice(self._check_kept(i))
+        scaled = self.B[:, sl] * self.target_variance.sqrt()[:, None]  # (d_y, f): D B_I
+        lost = torch.trace(scaled @ torch.linalg.solve(self.P[sl, sl], scaled.T))
+        return float(lost.clamp_min(0.0) / self.target_variance.sum())
 
     def _check_kept(self, i: int) -> int:
         i = int(i)
