@@ -14,6 +14,13 @@ for all units at once, and removing a unit is a block rank-f downdate of P, B an
 nothing is refactorised. Under the null the likelihood-ratio statistic 2 N Phi is chi-squared with d_y * f degrees
 of freedom (Wilks), which gives the significance test.
 
+Budget mode prices a removal by `variance_share_lost`: removing block I raises Cov(Y | X_S) by B_I P_II^{-1} B_I^T,
+so the share of the target's variance the kept units can no longer explain (after an optimal linear re-fit of the
+reader) is the trace of that, in the target's own variance scale (each target feature weighted by its variance,
+not by 1 as in the correlation matrix the session works on), divided by trace Cov(Y). Unlike the transfer entropy
+it stays finite and ridge-independent when Y is an exact linear function of the units (the logits), does not grow
+with the target's width, and adds up along a sequence of removals.
+
 Regularisation. Every unit feature (the sources X and the conditioning set Z) gets `ridge` times its own variance
 on the diagonal, and every target feature `target_ridge` times its own variance; a feature's variance counts as at
 least 1e-6 of its block's mean variance, and a tiny absolute `floor` is added (ridge_scale="mean" instead uses the
