@@ -94,6 +94,15 @@ def check_confidence(confidence: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- interface
+VARIANCE_MODEL: dict = {"estimator": None}  # the estimator class whose sessions measure variance shares for others
+
+
+def use_for_variance_shares(estimator_class) -> None:
+    """Make `estimator_class` (the Gaussian one, which registers itself here: this module cannot import it without
+    an import circle) measure `variance_share_lost` for sessions that do not compute it themselves."""
+    VARIANCE_MODEL["estimator"] = estimator_class
+
+
 class LayerSession(ABC):
     """State of the MIPP sweep over one group of units: the kept set S and its transfer entropies."""
 
@@ -144,10 +153,10 @@ class LayerSession(ABC):
 
     def _variance_companion(self) -> "LayerSession":
         if getattr(self, "_companion", None) is None:
-            from .gaussian import GaussianEstimator  # gaussian imports this module
-
+            if VARIANCE_MODEL["estimator"] is None:
+                raise RuntimeError("no estimator measures variance shares; import mipp.mi (it registers the Gaussian)")
             units, target = self._variance_inputs()
-            self._companion = GaussianEstimator().session(units, target)
+            self._companion = VARIANCE_MODEL["estimator"]().session(units, target)
         return self._companion
 
     def _check_kept(self, i: int) -> int:

@@ -47,6 +47,7 @@ from .base import (
     check_confidence,
     check_same_n,
     decide,
+    use_for_variance_shares,
 )
 from .registry import register_estimator
 
@@ -384,6 +385,9 @@ class GaussianEstimator(CMIEstimator):
         y_idx = list(range(dx, dx + dy))
         z_idx = list(range(dx + dy, dx + dy + dz)) if z is not None else None
         return moments, (x_idx, y_idx, z_idx)
+
+
+use_for_variance_shares(GaussianEstimator)
 
 
 def chi2_p_value(phi: float, n_samples: int, dof: int) -> float:
