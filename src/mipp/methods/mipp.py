@@ -98,28 +98,28 @@ class PriceRule:
     without it (`LayerSession.variance_share_lost`), its cost the share of the budget metric that removing one unit
     of its group removes (`unit_costs`). A unit that is not significant goes at no cost; a significant one goes when
     lost_share <= price * cost. With `insignificant_only` (when the insignificant units alone are more than the
-    budget) only insignificant units may go, those with the least lost share per cost first. `upper_price` and
-    `allowance` take the search's last step part of the way: the first `allowance` units (in sweep order) that are
-    affordable at the upper price but not at `price` go too.
+    budget) only insignificant units may go, those with the least lost share per cost first. `cap` takes the
+    search's last step part of the way: at most that many priced removals, the first in sweep order (from the
+    output), so the removals withheld are those nearest the input, which change no other layer's target.
     """
 
     price: float
     unit_costs: dict[str, float]
     insignificant_only: bool = False
-    upper_price: float = 0.0
-    allowance: int = 0
+    cap: int | None = None
+    priced_removals: int = 0  # counted during the sweep
+
     prices_units = True
 
     def removes(self, group: str, result: TestResult, lost_share: float | None) -> bool:
         if result.significant == self.insignificant_only:
             return not result.significant  # insignificant units are free; significant ones kept in that case
-        cost = self.unit_costs[group]
-        if lost_share <= self.price * cost:
-            return True
-        if self.allowance > 0 and lost_share <= self.upper_price * cost:
-            self.allowance -= 1
-            return True
-        return False
+        if lost_share > self.price * self.unit_costs[group]:
+            return False
+        if self.cap is not None and self.priced_removals >= self.cap:
+            return False
+        self.priced_removals += 1
+        return True
 
 
 def sweep_order(session: LayerSession, unit_mi: torch.Tensor, order: str) -> Iterator[int]:
@@ -232,45 +232,45 @@ def _search_price(ctx, acts, estimator, budget: Budget, settings: MIPPSettings) 
     units is bisected on its logarithm; past it (the insignificant units alone are more than the budget), the price
     of insignificant units is, and no significant unit goes. Where the removed fraction jumps past the target
     between two nearly equal prices (one channel of a narrow convolution can weigh several % of the MACs, and a
-    removal changes the targets of the layers before it), the last step is taken part of the way: at the lower
-    price, plus the first n units (from the output) that only the upper price affords, n bisected."""
+    removal changes the targets of the layers before it, so several can go at once), the last step is taken part
+    of the way: at the price that overshoots, only the first n priced removals from the output, n bisected."""
     cache: dict = {}
     costs = unit_costs(ctx, budget.metric)
 
-    def run(price: float, insignificant_only: bool, upper_price: float = 0.0, allowance: int = 0):
-        rule = PriceRule(price, costs, insignificant_only, upper_price, allowance)
+    def run(price: float, insignificant_only: bool, cap: int | None = None):
+        rule = PriceRule(price, costs, insignificant_only, cap)
         result = sweep(ctx, acts, estimator, rule, settings.confidence, settings.order, cache)
-        return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction
+        return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction, rule.priced_removals
 
-    result, gap = run(0.0, False)
-    free, steps, best = gap + budget.fraction, 1, (gap, result, 0.0, 0)
+    result, gap, _ = run(0.0, False)
+    free, steps, best = gap + budget.fraction, 1, (gap, result, 0.0, None)
     insignificant_only = gap > 0
     low = math.log(LOWEST_PRICE)
     high = math.log(2.0 / min([c for c in costs.values() if c > 0] or [1.0]))  # every affordable unit goes
-    under, over = (None, high) if insignificant_only else (low, None)  # log prices known to fall short / overshoot
+    over = None  # (price, priced removals) of the lowest price known to overshoot
     while abs(best[0]) > budget.tolerance and steps <= settings.max_bisection_steps and high - low > 1e-4:
         middle = (low + high) / 2
-        result, gap = run(math.exp(middle), insignificant_only)
+        result, gap, priced = run(math.exp(middle), insignificant_only)
         steps += 1
         if abs(gap) < abs(best[0]):
-            best = (gap, result, math.exp(middle), 0)
+            best = (gap, result, math.exp(middle), None)
         if gap < 0:
-            low = under = middle
+            low = middle
         else:
-            high = over = middle
-    if abs(best[0]) > budget.tolerance and under is not None and over is not None:
-        fewer, more = 0, ctx.units.total_units  # extra units at the upper price: 0 falls short, all overshoot
+            high, over = middle, (math.exp(middle), priced)
+    if abs(best[0]) > budget.tolerance and over is not None:
+        fewer, more = 0, over[1]  # priced removals allowed: none falls short, all overshoot
         while more - fewer > 1 and abs(best[0]) > budget.tolerance:
-            allowance = (fewer + more) // 2
-            result, gap = run(math.exp(under), insignificant_only, math.exp(over), allowance)
+            cap = (fewer + more) // 2
+            result, gap, _ = run(over[0], insignificant_only, cap)
             steps += 1
             if abs(gap) < abs(best[0]):
-                best = (gap, result, math.exp(under), allowance)
-            fewer, more = (allowance, more) if gap < 0 else (fewer, allowance)
-    _, result, price, allowance = best
+                best = (gap, result, over[0], cap)
+            fewer, more = (cap, more) if gap < 0 else (fewer, cap)
+    _, result, price, cap = best
     return result, {
         "price": price,
-        "units_at_upper_price": allowance,  # the search's last step taken part of the way (see above)
+        "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
         "priced_units": "insignificant" if insignificant_only else "significant",
         "insignificant_removed": free,
         "bisection_steps": steps,
