@@ -1,11 +1,21 @@
 """MIPP: keep, in every layer, the units whose transfer entropy to the already pruned next layer is significant.
 
-Groups are visited from the output back to the input. Within a group, units are tested least-informative first
-(MI ordering) and removed at once when redundant, so each test is conditioned on the units still kept (TERC).
-Two stopping rules: confidence mode (the paper's knob x: keep a unit when its transfer entropy is significant with
-confidence x) and budget mode (one global share of each layer's information that may be lost, found by bisection
-to remove a target fraction of units, parameters or MACs; see InformationShareRule). No group ever falls below its
-minimum width.
+Groups are visited from the output back to the input. Within a group, units are tested one at a time and removed at
+once when redundant, so each test is conditioned on the units still kept (TERC). Test order (`MIPPSettings.order`):
+"mi", the paper's, least single-unit MI first, fixed before the sweep (the default until measurements show the
+alternative is better); or "greedy", the untested kept unit with the lowest current transfer entropy next, re-ranked
+after every removal. No group ever falls below its minimum width (the collapse guard; hits are reported).
+
+Two stopping rules. Confidence mode (the paper's knob x): remove a unit when its transfer entropy is not significant
+with confidence x; sparsity is an output. Budget mode (ours; method spec 5): remove a target fraction of units,
+parameters or MACs, priced in one currency for the whole network. A unit's information lost is the share of its
+layer target's variance the kept units can no longer explain without it (`LayerSession.variance_share_lost`): it
+depends neither on a ridge nor on a layer's width, and adds up along a layer's removals, unlike a transfer entropy,
+whose value for the last hidden layer is set by the target ridge. A unit's cost is the share of the budget metric
+that removing one unit of its group removes. Insignificant units go first, at no cost; a significant unit goes
+when lost share <= price * cost; one global price is bisected (on its logarithm) to reach the budget, so per-layer
+widths emerge from where information is cheap. (It replaces a rule that let every layer lose the same share of its
+own information: cost-blind, blind to significance, and tied to the ridge.)
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -21,9 +32,12 @@ from mipp.activations import Activations, capture
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
 from mipp.mi import estimator_class, get_estimator
-from mipp.mi.base import TestResult
+from mipp.mi.base import LayerSession, TestResult
 from mipp.plan import Plan, UnitDecision
 from mipp.units import UnitGroup
+
+
+ORDERS = ("mi", "greedy")
 
 
 @dataclass
@@ -32,17 +46,21 @@ class MIPPSettings:
     estimator_options: dict = field(default_factory=dict)
     confidence: float = 0.95  # the paper's x, in (0.5, 1)
     pool: int | None = None  # None: spatial mean per channel; k: k x k grid features per channel
+    order: str = "mi"  # "mi": the paper's fixed MI order; "greedy": lowest current transfer entropy next
     max_bisection_steps: int = 30
 
     def __post_init__(self):
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}; the paper sweeps e.g. 0.9-0.999")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
 
 @dataclass
 class SweepResult:
     kept: dict[str, list[int]]
     decisions: dict[str, list[UnitDecision]]
+    lost_share: dict[str, float]  # budget mode: per group, the share of its target's variance its removals lost
 
 
 def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], producer_of: dict[str, str]):
@@ -64,43 +82,69 @@ def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], p
 
 
 class ConfidenceRule:
-    """The paper's rule: keep a unit when its transfer entropy is significant at the session's confidence."""
+    """The paper's rule: remove a unit when its transfer entropy is not significant at the session's confidence."""
 
-    needs_layer_mi = False
+    prices_units = False
 
-    def start(self, layer_mi: float | None) -> None:
-        pass
-
-    def keep(self, result: TestResult) -> bool:
-        return result.significant
+    def removes(self, group: str, result: TestResult, lost_share: float | None) -> bool:
+        return not result.significant
 
 
-class InformationShareRule:
-    """Budget rule: a layer may lose at most `share` of its mutual information with its target.
+@dataclass
+class PriceRule:
+    """Budget rule: information lost per unit of the budgeted cost, at one price for the whole network.
 
-    Removing unit i loses exactly its transfer entropy (chain rule: I(X_S;Y) - I(X_S\\i;Y) = I(X_i;Y|X_S\\i)), so
-    the sweep removes a unit while the lost information, summed, stays within share * I(X_layer;Y). An absolute
-    threshold on each unit's transfer entropy would cascade: every removal lowers the others' transfer entropies,
-    and in layers of many similar units one threshold then removes almost nothing or almost everything.
+    A unit's information lost is the share of its layer target's variance that the kept units can no longer explain
+    without it (`LayerSession.variance_share_lost`), its cost the share of the budget metric that removing one unit
+    of its group removes (`unit_costs`). A unit that is not significant goes at no cost; a significant one goes when
+    lost_share <= price * cost. With `insignificant_only` (when the insignificant units alone are more than the
+    budget) only insignificant units may go, those with the least lost share per cost first. `cap` takes the
+    search's last step part of the way: at most that many priced removals, the first in sweep order (from the
+    output), so the removals withheld are those nearest the input, which change no other layer's target.
     """
 
-    needs_layer_mi = True
+    price: float
+    unit_costs: dict[str, float]
+    insignificant_only: bool = False
+    cap: int | None = None
+    priced_removals: int = 0  # counted during the sweep
 
-    def __init__(self, share: float):
-        self.share = share
+    prices_units = True
 
-    def start(self, layer_mi: float | None) -> None:
-        self.allowance, self.spent = self.share * max(0.0, layer_mi), 0.0
-
-    def keep(self, result: TestResult) -> bool:
-        loss = max(0.0, float(result.estimate))
-        if self.spent + loss <= self.allowance:
-            self.spent += loss
+    def removes(self, group: str, result: TestResult, lost_share: float | None) -> bool:
+        if result.significant == self.insignificant_only:
+            return not result.significant  # insignificant units are free; significant ones kept in that case
+        if lost_share > self.price * self.unit_costs[group]:
             return False
+        if self.cap is not None and self.priced_removals >= self.cap:
+            return False
+        self.priced_removals += 1
         return True
 
 
-def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: float,
+def sweep_order(session: LayerSession, unit_mi: torch.Tensor, order: str) -> Iterator[int]:
+    """The units of a layer in the order the sweep tests them (it stops early at the collapse guard).
+
+    "mi" (the paper's): ascending single-unit MI, fixed before the sweep. "greedy": the untested kept unit whose
+    current transfer entropy is lowest, re-ranked at the start and after every removal; a unit tested and kept is
+    not tested again."""
+    if order == "mi":
+        yield from torch.argsort(unit_mi, stable=True).tolist()
+        return
+    tested: set[int] = set()
+    entropies, ranked_width = None, None
+    while True:
+        if ranked_width != len(session.kept):  # at the start and after a removal
+            entropies, ranked_width = session.transfer_entropies(), len(session.kept)
+        untested = [u for u in session.kept if u not in tested]
+        if not untested:
+            return
+        unit = min(untested, key=lambda u: (float(entropies[u]), u))
+        tested.add(unit)
+        yield unit
+
+
+def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: float, order: str = "mi",
           cache: dict | None = None) -> SweepResult:
     """One output-to-input pass over every group; `rule` decides from each unit's transfer-entropy test.
 
@@ -108,35 +152,34 @@ def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: flo
     made of: a layer whose readers kept the same units as in an earlier sweep starts from a copy."""
     producer_of = ctx.units.producer_group()
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
-    decisions = {}
+    decisions, lost_share = {}, {}
     for group in ctx.units.groups:  # already ordered from the output to the input
         units = acts.units[group.key]
         target, signature = target_of(group, acts, kept, producer_of)
         if cache is None or signature not in cache:
             session = estimator.session(units, target, confidence)
-            layer_mi = float(estimator.cmi(units.flatten(1), target)) if rule.needs_layer_mi else None
-            fresh = (session, session.unit_mi(), layer_mi)
+            unit_mi = session.unit_mi()
             if cache is not None:
-                cache[signature] = (copy.deepcopy(session), *fresh[1:])
+                cache[signature] = (copy.deepcopy(session), unit_mi)
         else:
-            fresh = (copy.deepcopy(cache[signature][0]), *cache[signature][1:])
-        session, unit_mi, layer_mi = fresh
-        rule.start(layer_mi)
-        order = torch.argsort(unit_mi, stable=True).tolist()
+            session, unit_mi = copy.deepcopy(cache[signature][0]), cache[signature][1]
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
         floor = ctx.min_width(group.size)
-        for rank, unit in enumerate(order):
+        lost_share[group.key] = 0.0
+        for rank, unit in enumerate(sweep_order(session, unit_mi, order)):
             if len(session.kept) <= floor:
                 break  # collapse guard: the rest stay untested
             result = session.transfer_entropy(unit)
             record = records[unit]
             record.rank, record.score, record.p_value = rank, float(result.estimate), float(result.p_value)
-            if not rule.keep(result):
+            share = session.variance_share_lost(unit) if rule.prices_units else None
+            if rule.removes(group.key, result, share):
                 session.remove(unit)
                 record.kept = False
+                lost_share[group.key] += share or 0.0
         kept[group.key] = sorted(session.kept)
         decisions[group.key] = [records[i] for i in range(group.size)]
-    return SweepResult(kept, decisions)
+    return SweepResult(kept, decisions, lost_share if rule.prices_units else {})
 
 
 def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,
@@ -152,15 +195,16 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
     estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
     record = {"estimator": settings.estimator, "estimator_options": settings.estimator_options,
               "pool": settings.pool, "n_samples": acts.n_samples, "min_units": ctx.min_units}
+    record["order"] = settings.order
     if budget is None:
-        result = sweep(ctx, acts, estimator, ConfidenceRule(), settings.confidence)
+        result = sweep(ctx, acts, estimator, ConfidenceRule(), settings.confidence, settings.order)
         record["confidence"] = settings.confidence
         extra = {}
     else:
         ctx.check_reachable(budget)
-        result, threshold, steps = _bisect_threshold(ctx, acts, estimator, budget, settings)
+        result, extra = _search_price(ctx, acts, estimator, budget, settings)
         record["budget"] = {"fraction": budget.fraction, "metric": budget.metric}
-        extra = {"information_share": threshold, "bisection_steps": steps}
+        record["confidence"] = settings.confidence  # it decides which units are free
     stats = {"capture_seconds": capture_seconds, "selection_seconds": time.perf_counter() - started, **extra}
     return finish_plan(ctx, result.kept, "mipp", record, result.decisions, stats)
 
@@ -172,26 +216,66 @@ def select_mipp(ctx: PruneContext, budget: Budget | None = None, **options) -> P
     return select(ctx, budget, MIPPSettings(**options))
 
 
-def _bisect_threshold(ctx, acts, estimator, budget: Budget, settings: MIPPSettings):
-    """Find the information share whose sweep removes the budget's fraction (bisection on its logarithm)."""
+LOWEST_PRICE = 1e-15  # lost variance share per share of the metric: below any real unit's price
+
+
+def unit_costs(ctx: PruneContext, metric: str) -> dict[str, float]:
+    """Per group, the share of `metric` that removing one of its units removes, at full width."""
+    full = {g.key: list(range(g.size)) for g in ctx.units.groups}
+    return {g.key: ctx.cost.fractions_removed({**full, g.key: full[g.key][1:]})[metric] for g in ctx.units.groups}
+
+
+def _search_price(ctx, acts, estimator, budget: Budget, settings: MIPPSettings) -> tuple[SweepResult, dict]:
+    """Find the price whose sweep removes the budget's fraction; returns the closest sweep and what to record.
+
+    First the free sweep (price 0: only insignificant units go). Short of the budget, the price of significant
+    units is bisected on its logarithm; past it (the insignificant units alone are more than the budget), the price
+    of insignificant units is, and no significant unit goes. Where the removed fraction jumps past the target
+    between two nearly equal prices (one channel of a narrow convolution can weigh several % of the MACs, and a
+    removal changes the targets of the layers before it, so several can go at once), the last step is taken part
+    of the way: at the price that overshoots, only the first n priced removals from the output, n bisected."""
     cache: dict = {}
+    costs = unit_costs(ctx, budget.metric)
 
-    def run(share):
-        result = sweep(ctx, acts, estimator, InformationShareRule(share), settings.confidence, cache)
-        return result, ctx.cost.fractions_removed(result.kept)[budget.metric]
+    def run(price: float, insignificant_only: bool, cap: int | None = None):
+        rule = PriceRule(price, costs, insignificant_only, cap)
+        result = sweep(ctx, acts, estimator, rule, settings.confidence, settings.order, cache)
+        return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction, rule.priced_removals
 
-    low, high = math.log(1e-7), 0.0  # share of each layer's information that may be lost: ~nothing .. all
-    best = None
-    for step in range(1, settings.max_bisection_steps + 1):
+    result, gap, _ = run(0.0, False)
+    free, steps, best = gap + budget.fraction, 1, (gap, result, 0.0, None)
+    insignificant_only = gap > 0
+    low = math.log(LOWEST_PRICE)
+    high = math.log(2.0 / min([c for c in costs.values() if c > 0] or [1.0]))  # every affordable unit goes
+    over = None  # (price, priced removals) of the lowest price known to overshoot
+    while abs(best[0]) > budget.tolerance and steps <= settings.max_bisection_steps and high - low > 1e-4:
         middle = (low + high) / 2
-        result, removed = run(math.exp(middle))
-        gap = removed - budget.fraction
-        if best is None or abs(gap) < abs(best[2]):
-            best = (result, math.exp(middle), gap)
-        if abs(gap) <= budget.tolerance or high - low < 1e-4:  # on target, or the share is pinned down
-            break
-        low, high = (middle, high) if gap < 0 else (low, middle)
-    return best[0], best[1], step
+        result, gap, priced = run(math.exp(middle), insignificant_only)
+        steps += 1
+        if abs(gap) < abs(best[0]):
+            best = (gap, result, math.exp(middle), None)
+        if gap < 0:
+            low = middle
+        else:
+            high, over = middle, (math.exp(middle), priced)
+    if abs(best[0]) > budget.tolerance and over is not None:
+        fewer, more = 0, over[1]  # priced removals allowed: none falls short, all overshoot
+        while more - fewer > 1 and abs(best[0]) > budget.tolerance:
+            cap = (fewer + more) // 2
+            result, gap, _ = run(over[0], insignificant_only, cap)
+            steps += 1
+            if abs(gap) < abs(best[0]):
+                best = (gap, result, over[0], cap)
+            fewer, more = (cap, more) if gap < 0 else (fewer, cap)
+    _, result, price, cap = best
+    return result, {
+        "price": price,
+        "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
+        "priced_units": "insignificant" if insignificant_only else "significant",
+        "insignificant_removed": free,
+        "bisection_steps": steps,
+        "lost_share": result.lost_share,
+    }
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:

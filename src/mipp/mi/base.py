@@ -94,6 +94,15 @@ def check_confidence(confidence: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- interface
+VARIANCE_MODEL: dict = {"estimator": None}  # the estimator class whose sessions measure variance shares for others
+
+
+def use_for_variance_shares(estimator_class) -> None:
+    """Make `estimator_class` (the Gaussian one, which registers itself here: this module cannot import it without
+    an import circle) measure `variance_share_lost` for sessions that do not compute it themselves."""
+    VARIANCE_MODEL["estimator"] = estimator_class
+
+
 class LayerSession(ABC):
     """State of the MIPP sweep over one group of units: the kept set S and its transfer entropies."""
 
@@ -115,6 +124,40 @@ class LayerSession(ABC):
     @abstractmethod
     def remove(self, i: int) -> None:
         """S = S \\ {i}."""
+
+    def variance_share_lost(self, i: int) -> float:
+        """Share of the target's variance that the kept units could no longer explain once unit i is removed.
+
+        trace(Cov(Y | X_{S\\i})) - trace(Cov(Y | X_S)), divided by trace(Cov(Y)), under the linear-Gaussian model
+        and in the target's own variance scale (each target feature weighted by its variance; a rescaled or
+        duplicated target gives the same share). It depends neither on a ridge nor on how many units the layer has,
+        and it is additive: the shares of successive removals add up to the share lost by the removed set. MIPP's
+        budget mode prices units with it.
+
+        The Gaussian session computes it from its own matrices. Every other estimator gets it from a Gaussian
+        session on the same units and target that mirrors this session's removals, so budget mode works with any
+        estimator: its tests decide significance, the linear-Gaussian model measures the cost of a removal.
+        """
+        i = self._check_kept(i)
+        companion = self._variance_companion()
+        for j in [j for j in companion.kept if j not in set(self.kept)]:
+            companion.remove(j)
+        return companion.variance_share_lost(i)
+
+    def _variance_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units (n, n_units, f) and continuous target (n, d_y) that `variance_share_lost` measures."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not provide variance_share_lost; implement it or _variance_inputs "
+            "(needed by MIPP's budget mode; confidence mode works without it)"
+        )
+
+    def _variance_companion(self) -> "LayerSession":
+        if getattr(self, "_companion", None) is None:
+            if VARIANCE_MODEL["estimator"] is None:
+                raise RuntimeError("no estimator measures variance shares; import mipp.mi (it registers the Gaussian)")
+            units, target = self._variance_inputs()
+            self._companion = VARIANCE_MODEL["estimator"]().session(units, target)
+        return self._companion
 
     def _check_kept(self, i: int) -> int:
         i = int(i)
@@ -160,12 +203,18 @@ class CMIEstimator(ABC):
 class GenericLayerSession(LayerSession):
     """A session that asks its estimator afresh for every query (no shared state beyond the kept set)."""
 
-    def __init__(self, estimator: CMIEstimator, units, target, confidence: float = 0.95):
+    def __init__(self, estimator: CMIEstimator, units, target, confidence: float = 0.95, variance_target=None):
+        """`variance_target`: the target `variance_share_lost` measures, when the estimator tests against a reduced
+        one (KSG's principal components); default `target`."""
         self.estimator = estimator
         self.units, self.target = as_units(units, target)
+        self.variance_target = self.target if variance_target is None else as_matrix(variance_target, "target")
         self.n_units = self.units.shape[1]
         self.kept = list(range(self.n_units))
         self.confidence = check_confidence(confidence)
+
+    def _variance_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.units, self.variance_target
 
     def _split(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         rest = [j for j in self.kept if j != i]

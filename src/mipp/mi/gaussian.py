@@ -14,6 +14,13 @@ for all units at once, and removing a unit is a block rank-f downdate of P, B an
 nothing is refactorised. Under the null the likelihood-ratio statistic 2 N Phi is chi-squared with d_y * f degrees
 of freedom (Wilks), which gives the significance test.
 
+Budget mode prices a removal by `variance_share_lost`: removing block I raises Cov(Y | X_S) by B_I P_II^{-1} B_I^T,
+so the share of the target's variance the kept units can no longer explain (after an optimal linear re-fit of the
+reader) is the trace of that, in the target's own variance scale (each target feature weighted by its variance,
+not by 1 as in the correlation matrix the session works on), divided by trace Cov(Y). Unlike the transfer entropy
+it stays finite and ridge-independent when Y is an exact linear function of the units (the logits), does not grow
+with the target's width, and adds up along a sequence of removals.
+
 Regularisation. Every unit feature (the sources X and the conditioning set Z) gets `ridge` times its own variance
 on the diagonal, and every target feature `target_ridge` times its own variance; a feature's variance counts as at
 least 1e-6 of its block's mean variance, and a tiny absolute `floor` is added (ridge_scale="mean" instead uses the
@@ -40,6 +47,7 @@ from .base import (
     check_confidence,
     check_same_n,
     decide,
+    use_for_variance_shares,
 )
 from .registry import register_estimator
 
@@ -379,6 +387,9 @@ class GaussianEstimator(CMIEstimator):
         return moments, (x_idx, y_idx, z_idx)
 
 
+use_for_variance_shares(GaussianEstimator)
+
+
 def chi2_p_value(phi: float, n_samples: int, dof: int) -> float:
     """P(chi2_dof >= 2 N phi): the likelihood-ratio test of phi = 0."""
     from scipy import special  # imported on first use, so that `import mipp` stays quick (scipy takes ~1 s)
@@ -400,6 +411,8 @@ class GaussianLayerSession(LayerSession):
         self.cov = equilibrate(cov)  # the regularised covariance as a correlation matrix (same MI, better numerics)
         self.n_units, self.f, self.n_samples = int(n_units), int(f), int(n_samples)
         self.d_y = cov.shape[0] - self.n_units * self.f
+        # the target's own (regularised) variances: they turn correlation-scale residuals back into its scale
+        self.target_variance = torch.diagonal(cov)[self.n_units * self.f:].clone()
         self.confidence = check_confidence(confidence)
         self.refresh_every = int(refresh_every)
         self.kept = list(range(self.n_units))
@@ -481,6 +494,20 @@ class GaussianLayerSession(LayerSession):
             stat = (2.0 * self.n_samples * phi[kept].clamp_min(0)).numpy()
             out[kept] = torch.as_tensor(stats.chi2.sf(stat, self.d_y * self.f), dtype=DTYPE)
         return out
+
+    def variance_share_lost(self, i: int) -> float:
+        """Share of Cov(Y)'s trace that the kept units could no longer explain without unit i (see LayerSession).
+
+        Removing block I raises the residual covariance by B_I P_II^{-1} B_I^T (the Schur complement that `remove`
+        applies), so the share is trace(D B_I P_II^{-1} B_I^T D) / trace(D^2) with D^2 = diag(target_variance):
+        the correlation-scale residual weighted back by each target feature's own variance. The units' scales
+        cancel; the ridges enter only as their tiny relative amounts (the target ridge inflates the denominator by
+        a factor 1 + target_ridge).
+        """
+        sl = self._slice(self._check_kept(i))
+        scaled = self.B[:, sl] * self.target_variance.sqrt()[:, None]  # (d_y, f): D B_I
+        lost = torch.trace(scaled @ torch.linalg.solve(self.P[sl, sl], scaled.T))
+        return float(lost.clamp_min(0.0) / self.target_variance.sum())
 
     def _check_kept(self, i: int) -> int:
         i = int(i)

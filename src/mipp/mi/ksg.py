@@ -260,4 +260,4 @@ class KSGEstimator(CMIEstimator):
     # -- sessions
     def session(self, units, target, confidence: float = 0.95) -> GenericLayerSession:
         units, y = as_units(units, target)
-        return GenericLayerSession(self, units, principal_components(y, self.target_components), confidence)
+        return GenericLayerSession(self, units, principal_components(y, self.target_components), confidence, y)

@@ -312,6 +312,7 @@ class ProxyLayerSession(LayerSession):
         self.n_units, self.f = m, f
         self.kept = list(range(m))
         self.prob = estimator.problem(units_t.reshape(n, m * f), target)
+        self._units, self._target = units_t, target  # what variance_share_lost measures, unstandardised
         self._fitted: dict[int, list[Params]] = {}
         self.g = [self.prob.fit(self.prob.fresh(1, r), self._mask(self.kept), r, estimator.config.max_epochs,
                                 key=(r, -1)) for r in range(estimator.repeats)]
@@ -348,6 +349,12 @@ class ProxyLayerSession(LayerSession):
                 fitted[row].append(select_params(h, row + 1))
         self._fitted = dict(zip(candidates, fitted))
         return inc
+
+    def _variance_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prob.classification:
+            raise ValueError("variance_share_lost needs a continuous target, not class labels; MIPP's budget mode "
+                             "prices units against activations or logits (use confidence mode for a label target)")
+        return self._units, as_matrix(self._target, "target")
 
     def unit_mi(self) -> torch.Tensor:
         """I(X_i;Y) ~ held-out loss of a constant predictor minus that of an MLP on unit i alone (repeat 0)."""

@@ -1,0 +1,96 @@
+"""MIPP's budget mode (one price for information lost per unit of cost) and its greedy test order."""
+import pytest
+import torch
+
+from conftest import inputs_for, small_model
+from mipp import select_plan
+from mipp.activations import capture
+from mipp.api import make_context
+from mipp.methods.mipp import PriceRule, sweep, sweep_order, unit_costs
+from mipp.mi import get_estimator
+from mipp.models.planted import TRUTH, planted_inputs, planted_network
+
+N_CAL = 512
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "resnet18"])
+@pytest.mark.parametrize("metric", ["units", "params", "macs"])
+def test_budget_is_reached(name, metric):
+    """Within the budget's tolerance, or half a unit of the costliest group where units are that coarse (one of
+    LeNet-5's 6 first-layer channels is about 14% of its MACs)."""
+    model = small_model(name)
+    data = inputs_for(model, N_CAL, rank=8)
+    slack = max(0.005, max(unit_costs(make_context(model, data, n_samples=N_CAL), metric).values()) / 2)
+    plan = select_plan(model, data, budget=0.5, metric=metric, n_samples=N_CAL)
+    assert abs(plan.stats[f"{metric}_removed"] - 0.5) <= slack + 1e-9, plan.stats
+    assert set(plan.stats["lost_share"]) == set(plan.kept)
+    assert all(0.0 <= share <= 1.0 + 1e-6 for share in plan.stats["lost_share"].values())
+    assert plan.stats["price"] >= 0 and plan.stats["bisection_steps"] >= 1
+
+
+def planted_context():
+    model, data = planted_network(), planted_inputs(4000)
+    ctx = make_context(model, data, example_input=data[:2], n_samples=4000)
+    return ctx, capture(model, ctx.units, data, n_samples=4000)
+
+
+def test_insignificant_units_go_at_any_price():
+    ctx, acts = planted_context()
+    costs = unit_costs(ctx, "units")
+    estimator = get_estimator("gaussian")
+    for price in (0.0, 1e-6):  # a price at which no significant unit is affordable
+        removed = set(range(12)) - set(sweep(ctx, acts, estimator, PriceRule(price, costs), 0.99).kept[TRUTH.group])
+        assert set(TRUTH.dead) <= removed and not removed & set(TRUTH.unique)
+        assert all(len(removed & set(relation)) == 1 for relation in TRUTH.relations)
+
+
+def test_budget_mode_recovers_the_planted_truth():
+    """The planted layer's 5 redundant units are 5 of the net's 28: a budget of exactly that removes them, free."""
+    model, data = planted_network(), planted_inputs(4000)
+    for order in ("mi", "greedy"):
+        plan = select_plan(model, data, budget=5 / 28, n_samples=4000, example_input=data[:2], confidence=0.99,
+                           order=order)
+        assert TRUTH.recovery(plan.kept)["exact"], (order, plan.kept)
+        assert plan.stats["price"] == 0.0 and plan.stats["lost_share"][TRUTH.group] < 1e-6
+
+
+def test_fewer_removals_than_insignificant_units_price_the_insignificant_ones():
+    model, data = planted_network(), planted_inputs(4000)
+    plan = select_plan(model, data, budget=2 / 28, n_samples=4000, example_input=data[:2], confidence=0.99)
+    assert plan.stats["priced_units"] == "insignificant"
+    removed = set(plan.removed(TRUTH.group))
+    assert len(removed) == 2 and not removed & set(TRUTH.unique)
+
+
+def test_greedy_order_tests_the_lowest_current_transfer_entropy_next():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 4, generator=g, dtype=torch.float64)
+    units = torch.cat([x, x[:, :2] + 0.3 * torch.randn(2000, 2, generator=g, dtype=torch.float64),
+                       torch.randn(2000, 2, generator=g, dtype=torch.float64)], 1)  # 8 units
+    y = x @ torch.randn(4, 3, generator=g, dtype=torch.float64) + 0.5 * torch.randn(2000, 3, generator=g,
+                                                                                   dtype=torch.float64)
+    session = get_estimator("gaussian").session(units, y)
+    tested = set()
+    for unit in sweep_order(session, session.unit_mi(), "greedy"):
+        entropies = session.transfer_entropies()
+        candidates = [u for u in session.kept if u not in tested]
+        assert unit == min(candidates, key=lambda u: float(entropies[u]))
+        tested.add(unit)
+        if not session.transfer_entropy(unit).significant:
+            session.remove(unit)
+    assert tested == set(range(8)) and len(session.kept) < 8  # every unit tested once; some removed
+
+
+def test_budget_mode_is_deterministic():
+    model = small_model("lenet5")
+    data = inputs_for(model, N_CAL, rank=8)
+    plans = [select_plan(model, data, budget=0.6, metric="macs", n_samples=N_CAL, order="greedy", seed=3)
+             for _ in range(2)]
+    assert plans[0].kept == plans[1].kept and plans[0].decisions == plans[1].decisions
+    assert plans[0].stats["price"] == plans[1].stats["price"]
+
+
+def test_unknown_order_is_a_clear_error():
+    model = small_model("mlp")
+    with pytest.raises(ValueError, match="order must be one of"):
+        select_plan(model, inputs_for(model, N_CAL), n_samples=N_CAL, order="random")
