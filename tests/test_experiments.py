@@ -395,3 +395,27 @@ def test_committed_report_regenerates_from_the_committed_records(tmp_path, monke
     assert (tmp_path / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text()
     for committed in sorted((ROOT / "docs" / "tables").glob("*.csv")):
         assert (tmp_path / "tables" / committed.name).read_text() == committed.read_text(), committed.name
+
+
+def test_repaired_sweep_reconstructs_every_method_apart_from_plain_runs(full_sweep, tmp_path):
+    """--reconstruct/--recalibrate: new run ids and a "+rec+bn" model label; plain runs keep their ids; the
+    repaired net right after pruning is the one fine-tuning starts from (rebuilt identically on resume)."""
+    plain = set(by_id(full_sweep[0]))
+    config = SweepConfig(**{**TINY, "regimes": ["trained"], "seeds": [0], "finetune_epochs": [0],
+                            "reconstruct": True, "recalibrate": True})
+    runs = expand(config)
+    assert all(r.labels["model"] == "mlp+rec+bn" for r in runs) and not {r.run_id for r in runs} & plain
+    assert {r.run_id for r in expand(SweepConfig(**TINY))} == plain
+    counts = run_sweep(config, tmp_path, progress=False)
+    assert counts["done"] == len(runs)
+    records = list(by_id(tmp_path).values())
+    assert all(r.model == "mlp+rec+bn" and r.timings["repair_seconds"] > 0 for r in records)
+    runner, record = Runner(ResultStore(tmp_path), latency=False), records[0]
+    spec = next(r for r in runs if r.run_id == record.run_id)
+    splits = runner.splits(spec)
+    base, _ = runner.base(spec, splits)
+    from mipp.experiments.runner import pruned_copy
+    from mipp.plan import Plan
+
+    again = runner.scores(pruned_copy(spec, splits, base, Plan.from_dict(record.plan)), splits)
+    assert again == record.pruned

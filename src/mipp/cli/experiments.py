@@ -64,6 +64,10 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--min-units", type=float, default=None, help="collapse guard (default 1 unit per group)")
     parser.add_argument("--train-eval-n", type=int, default=None, help="examples for train accuracy (default 10000)")
     parser.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurements")
+    parser.add_argument("--reconstruct", action="store_true", default=None,
+                        help="re-fit the readers of removed units after surgery, for every method")
+    parser.add_argument("--recalibrate", action="store_true", default=None,
+                        help="re-estimate batch-norm statistics after surgery, for every method")
     parser.add_argument("--data-root", default=None, help="folder holding the data files")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
@@ -94,6 +98,9 @@ def sweep_config(args: argparse.Namespace):
         config.finetune = {**config.finetune, "lr": args.finetune_lr}
     if args.no_latency:
         config.latency = False
+    for flag in ("reconstruct", "recalibrate"):
+        if getattr(args, flag):
+            setattr(config, flag, True)
     if args.width is not None:
         config.models = [{**({"name": m} if isinstance(m, str) else m), "width": args.width} for m in config.models]
     options = parse_key_values(args.data_option)

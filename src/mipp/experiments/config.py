@@ -45,6 +45,8 @@ class SweepConfig:
     min_units: float = 1  # collapse guard: units each group keeps (>= 1) or a fraction of its width (< 1)
     train_eval_n: int | None = 10000  # train accuracy on a fixed stratified subset of this size (None: all)
     latency: bool = True  # measure CPU latency at batch 1 and 64
+    reconstruct: bool = False  # re-fit the readers of removed units after surgery (mipp.reconstruct), every method
+    recalibrate: bool = False  # re-estimate batch-norm statistics after surgery (mipp.recalibrate), every method
     data_root: str | None = None  # where data files are (not part of any run's identity)
     device: str = "auto"
 
@@ -107,11 +109,22 @@ class RunSpec:
 
     @property
     def labels(self) -> dict:
-        return {"model": model_label(self.model), "data": data_label(self.data), "method": self.method["label"]}
+        return {"model": model_label(self.model) + repair_label(self.settings), "data": data_label(self.data),
+                "method": self.method["label"]}
 
 
 def model_label(spec: dict) -> str:
     return spec["name"] + (f"@{spec['width']:g}" if spec.get("width", 1.0) != 1.0 else "")
+
+
+def repair_settings(config: SweepConfig) -> dict:
+    """What is done to every pruned net after surgery, in a run's settings (absent when off)."""
+    return {key: True for key in ("reconstruct", "recalibrate") if getattr(config, key)}
+
+
+def repair_label(settings: dict) -> str:
+    """"+rec" / "+bn" on the model label: repaired runs are reported apart from plain removal."""
+    return ("+rec" if settings.get("reconstruct") else "") + ("+bn" if settings.get("recalibrate") else "")
 
 
 def data_label(spec: dict) -> str:
@@ -205,6 +218,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
     settings = {"n_samples": int(config.n_samples), "min_units": min_units, "train": train,
                 "train_epochs": int(config.train.get("epochs", 10)), "finetune": finetune,
                 "train_eval_n": config.train_eval_n}
+    settings.update(repair_settings(config))  # only when on: runs without repair keep their ids
     targets = [_target(t) for t in config.targets]
     runs = []
     for model in map(model_spec, config.models):

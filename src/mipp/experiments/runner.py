@@ -28,13 +28,16 @@ from pathlib import Path
 
 import torch
 
-from mipp.experiments.config import RunSpec, SweepConfig, expand
+from mipp.experiments.config import RunSpec, SweepConfig, expand, repair_label
 from mipp.experiments.memory import PeakMemory
 from mipp.experiments.record import RunRecord
 from mipp.experiments.store import ResultStore, is_finished
 from mipp.io import derived_seed, run_versions, stable_hash
 from mipp.plan import Plan
+from mipp.recalibrate import recalibrate_batch_norm
+from mipp.reconstruct import reconstruction_statistics, refit_readers
 from mipp.surgery import apply_plan
+from mipp.units import find_units
 
 log = logging.getLogger(__name__)
 CHANCE_FACTOR = 1.2  # "untrainable": accuracy within 20% (relative) of chance after the largest budget
@@ -191,7 +194,9 @@ class Runner:
                 seconds = time.perf_counter() - started
         except ValueError as err:  # the method cannot make this plan (a criterion without BN, an unreachable target)
             raise NotApplicable(f"{type(err).__name__}: {err}") from err
-        pruned = apply_plan(copy.deepcopy(base), plan, splits.example)  # traced again: the selection is timed alone
+        started = time.perf_counter()
+        pruned = pruned_copy(run, splits, base, plan)
+        repair_seconds = time.perf_counter() - started
         started = time.perf_counter()
         scores = self.scores(pruned, splits)
         record = header(run, "partial")
@@ -211,6 +216,8 @@ class Runner:
         record.pruned, record.finetune = scores, {"0": dict(scores)}
         record.timings = {"selection_seconds": seconds, "evaluate_seconds": time.perf_counter() - started,
                           "base_train_seconds": base_metrics.get("train_seconds")}
+        if repair_label(run.settings):
+            record.timings["repair_seconds"] = repair_seconds
         if self.latency:
             record.latency_ms = latency(pruned, splits.example)
             if record.model not in self._base_latency:
@@ -225,7 +232,7 @@ class Runner:
     def _finetune(self, run: RunSpec, splits: Splits, base, record: RunRecord, epochs: int) -> dict:
         from mipp.train import TrainConfig, fit
 
-        pruned = apply_plan(copy.deepcopy(base), Plan.from_dict(record.plan), splits.example)
+        pruned = pruned_copy(run, splits, base, Plan.from_dict(record.plan))
         settings = run.settings["train" if run.regime == "init" else "finetune"]
         config = TrainConfig(**settings, epochs=epochs, seed=derived_seed(run.seed, "finetune") % 2 ** 31,
                              device=str(self.device))
@@ -250,6 +257,24 @@ def own_split(entry, seed: int, split: str, spec: dict):
 
     inputs, labels, classes = entry.data(seed, split, **spec["options"])
     return ArrayDataset(inputs, labels, name=spec["name"], split=split, classes=classes)
+
+
+def pruned_copy(run: RunSpec, splits: Splits, base: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    """A copy of `base` with `plan` applied and, if the sweep asks, repaired for every method alike: readers of
+    removed units re-fitted (on the run's calibration samples) and batch-norm statistics recalibrated. Deterministic,
+    so a resumed fine-tuning rebuilds exactly the net that was evaluated. The copy is traced once more: the
+    selection's trace belonged to the base, and the selection is timed alone."""
+    model = copy.deepcopy(base)
+    units = find_units(model, splits.example)
+    statistics = {}
+    if run.settings.get("reconstruct"):
+        statistics = reconstruction_statistics(model, plan, splits.train, units=units,
+                                               n_samples=run.settings["n_samples"], seed=run.seed)
+    apply_plan(model, plan, units=units)
+    refit_readers(model, statistics)
+    if run.settings.get("recalibrate"):
+        recalibrate_batch_norm(model, splits.train, seed=run.seed)
+    return model
 
 
 def header(run: RunSpec, status: str, reason: str | None = None) -> RunRecord:
