@@ -66,6 +66,28 @@ def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int =
     )
 
 
+def check_calibration_data(data, example_input: torch.Tensor, n_samples: int, seed: int = 0) -> None:
+    """Refuse calibration data that would prune blind, with the cause and the fix: inputs of another shape than the
+    model takes, NaN or infinite values, or inputs that are all the same (e.g. all zeros), which leave every unit
+    constant and would cut every layer to its minimum width. Reads the first batch only."""
+    batch = next(iter(calibration_batches(data, min(n_samples, 256), seed=seed)), None)
+    if batch is None or len(batch) == 0:
+        raise ValueError("the calibration data is empty: pass at least a few hundred samples")
+    expected = tuple(example_input.shape[1:])
+    if tuple(batch.shape[1:]) != expected:
+        raise ValueError(
+            f"calibration inputs have shape {tuple(batch.shape[1:])} per sample but the model takes {expected} "
+            "(the shape of its example input): pass inputs of that shape, or the example_input your data matches"
+        )
+    if not torch.isfinite(batch).all():
+        raise ValueError("the calibration inputs contain NaN or infinite values: clean or impute them first")
+    if len(batch) > 1 and bool((batch == batch[:1]).all()):
+        raise ValueError(
+            "every calibration input is the same (e.g. all zeros): the units would show no variation and every "
+            "layer would be cut to its minimum; pass real samples of the data the model is used on"
+        )
+
+
 def _pool(x: torch.Tensor, pool: int | None) -> torch.Tensor:
     """(N, C, *spatial) -> (N, C, f): spatial mean (pool None) or an adaptive pool x pool grid."""
     if x.dim() == 2:

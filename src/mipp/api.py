@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn as nn
 
+from mipp.activations import check_calibration_data
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
 from mipp.plan import Plan
@@ -47,6 +48,7 @@ def _select(model: nn.Module, data, method: str, budget, metric: str, context_op
         raise ValueError(f"method {method!r} needs a budget: pass budget=0.5 (and metric='units'|'params'|'macs')")
     torch.manual_seed(context_options["seed"])
     ctx = make_context(model, data, **context_options)
+    check_calibration_data(data, ctx.example_input, ctx.n_samples, ctx.seed)
     return info.select(ctx, budget, **options), ctx
 
 

@@ -171,6 +171,11 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None) -> U
     recorder = _TraceRecorder(model)
     try:
         graph = build_dependency_graph(model, example_input)
+    except RuntimeError as err:  # a shape mismatch deep inside the model
+        raise ValueError(
+            f"the model does not run on an example input of shape {tuple(example_input.shape)} "
+            f"({str(err).splitlines()[0]}): pass example_input= a batch of the inputs the model takes"
+        ) from err
     finally:
         recorder.close()
     names = {module: name for name, module in model.named_modules()}
