@@ -357,6 +357,15 @@ def test_cifar_errors(tmp_path):
     with pytest.raises(CorruptDataError, match="test_batch"):
         load_dataset("cifar10", "test", root=tmp_path)
 
+    class Payload:  # what a tampered file could hold: a global that pickle would call while loading
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with open(bad, "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(CorruptDataError, match="builtins.print is not part of the CIFAR format"):
+        load_dataset("cifar10", "test", root=tmp_path)
+
 
 # --------------------------------------------------------------------------------------- image folder
 

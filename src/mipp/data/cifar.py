@@ -5,7 +5,8 @@ cifar-100-python/{train, test, meta}. Each batch is a pickled dict (bytes keys, 
 with b"data" a uint8 array (N, 3072) whose rows are 1024 red, then 1024 green, then 1024 blue values,
 each a 32x32 image in row-major order, so a row reshapes to (3, 32, 32) directly; labels are
 b"labels" (CIFAR-10) or b"fine_labels" / b"coarse_labels" (CIFAR-100). The pickle is the data format
-itself, so it is read with pickle.load(..., encoding="bytes"): only point this reader at files you trust.
+itself; it is read by a restricted unpickler that builds only what that format holds (dicts, lists, bytes, numbers
+and numpy arrays) and refuses any other global, so a tampered file cannot run code.
 
 Normalisation uses the well-known per-channel statistics of each train split (hard-coded):
 CIFAR-10 mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616);
@@ -74,10 +75,23 @@ def _get(d: dict, key: str):
     return d.get(key)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for the CIFAR batches: numpy arrays (and bytes written by Python 3 at protocol 2), nothing
+    else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not part of the CIFAR format: refused")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError) as e:
         raise CorruptDataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
