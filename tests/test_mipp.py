@@ -49,17 +49,11 @@ def test_planted_redundancy_is_found_exactly():
 
 @pytest.mark.parametrize("metric", ["units", "macs"])
 def test_budget_mode_hits_targets_within_one_point(metric):
-    """Within one point, or half of the costliest unit: one of the 8 first-layer channels of this VGG-11 weighs
-    2.5% of its MACs, and one price removes it together with what its removal makes cheap downstream."""
-    from mipp.api import make_context
-    from mipp.methods.mipp import unit_costs
-
     model = small_model("vgg11")
     data = inputs_for(model, N_CAL)
-    slack = max(0.01, max(unit_costs(make_context(model, data, n_samples=N_CAL), metric).values()) / 2)
     for target in (0.3, 0.5, 0.7, 0.9):
         plan = select_plan(model, data, budget=target, metric=metric, n_samples=N_CAL)
-        assert abs(plan.stats[f"{metric}_removed"] - target) <= slack, (target, plan.stats)
+        assert abs(plan.stats[f"{metric}_removed"] - target) <= 0.01, (target, plan.stats)
 
 
 def test_confidence_knob_orders_sparsity():

@@ -16,13 +16,12 @@ N_CAL = 512
 @pytest.mark.parametrize("name", ["mlp", "lenet5", "resnet18"])
 @pytest.mark.parametrize("metric", ["units", "params", "macs"])
 def test_budget_is_reached(name, metric):
-    """Within the budget's tolerance, or half a unit of the costliest group where units are that coarse (one of
-    LeNet-5's 6 first-layer channels is about 14% of its MACs)."""
+    """Within the budget's tolerance, although one of LeNet-5's 6 first-layer channels is about 14% of its MACs:
+    the search's last step skips costly units while cheaper ones still go."""
     model = small_model(name)
     data = inputs_for(model, N_CAL, rank=8)
-    slack = max(0.005, max(unit_costs(make_context(model, data, n_samples=N_CAL), metric).values()) / 2)
     plan = select_plan(model, data, budget=0.5, metric=metric, n_samples=N_CAL)
-    assert abs(plan.stats[f"{metric}_removed"] - 0.5) <= slack + 1e-9, plan.stats
+    assert abs(plan.stats[f"{metric}_removed"] - 0.5) <= 0.005 + 1e-9, plan.stats
     assert set(plan.stats["lost_share"]) == set(plan.kept)
     assert all(0.0 <= share <= 1.0 + 1e-6 for share in plan.stats["lost_share"].values())
     assert plan.stats["price"] >= 0 and plan.stats["bisection_steps"] >= 1
