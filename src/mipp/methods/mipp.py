@@ -98,10 +98,12 @@ class PriceRule:
     without it (`LayerSession.variance_share_lost`), its cost the share of the budget metric that removing one unit
     of its group removes (`unit_costs`). A unit that is not significant goes at no cost; a significant one goes when
     lost_share <= price * cost. With `insignificant_only` (when the insignificant units alone are more than the
-    budget) only insignificant units may go, those with the least lost share per cost first. `fill_price`, for the
-    search's last step, is a second price for the cheap units (cost at most `fill_cost`): where one costly unit (a
-    channel of a narrow convolution) makes the removed fraction jump past the target, the costly units stay at the
-    price that falls short (or overshoots) and the cheap ones are priced apart to fill the gap.
+    budget) only insignificant units may go, those with the least lost share per cost first. For the search's last
+    steps: `cap` allows at most that many priced removals, the first in sweep order (from the output), so the
+    removals withheld are those nearest the input, which change no other layer's target; `fill_price` is a second
+    price for the cheap units (cost at most `fill_cost`): where one costly unit (a channel of a narrow convolution)
+    makes the removed fraction jump past the target, the costly units stay at the closest price and the cheap ones
+    are priced apart to fill the gap.
     """
 
     price: float
@@ -109,6 +111,8 @@ class PriceRule:
     insignificant_only: bool = False
     fill_price: float | None = None
     fill_cost: float = 0.0
+    cap: int | None = None
+    priced_removals: int = 0  # counted during the sweep
 
     prices_units = True
 
@@ -117,7 +121,12 @@ class PriceRule:
             return not result.significant  # insignificant units are free; significant ones kept in that case
         cost = self.unit_costs[group]
         cheap = self.fill_price is not None and cost <= self.fill_cost
-        return lost_share <= (self.fill_price if cheap else self.price) * cost
+        if lost_share > (self.fill_price if cheap else self.price) * cost:
+            return False
+        if self.cap is not None and self.priced_removals >= self.cap:
+            return False
+        self.priced_removals += 1
+        return True
 
 
 def sweep_order(session: LayerSession, unit_mi: torch.Tensor, order: str) -> Iterator[int]:
@@ -231,44 +240,59 @@ def _search_price(ctx, acts, estimator, budget: Budget, settings: MIPPSettings) 
     of insignificant units is, and no significant unit goes. Where the removed fraction jumps past the target
     between two nearly equal prices (one channel of a narrow convolution can weigh several % of the MACs, and a
     removal changes the targets of the layers before it, so several can go at once), the last step is taken part
-    of the way: the costly units keep the closest price, and a second price for the cheap units (each at most two
+    of the way: at the price that overshoots, only the first n priced removals from the output, n bisected; if that
+    still misses, the costly units keep the closest price and a second price for the cheap units (each at most two
     tolerances of the budget) is bisected."""
     cache: dict = {}
     costs = unit_costs(ctx, budget.metric)
 
-    def run(price: float, insignificant_only: bool, fill_price: float | None = None):
-        rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost)
+    def run(price: float, insignificant_only: bool, fill_price: float | None = None, cap: int | None = None):
+        rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
         result = sweep(ctx, acts, estimator, rule, settings.confidence, settings.order, cache)
-        return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction
+        return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction, rule.priced_removals
 
     fill_cost = 2 * budget.tolerance
-    result, gap = run(0.0, False)
-    free, steps, best = gap + budget.fraction, 1, (gap, result, 0.0, None)
+    result, gap, _ = run(0.0, False)
+    free, steps, best = gap + budget.fraction, 1, (gap, result, 0.0, None, None)
     insignificant_only = gap > 0
     low = math.log(LOWEST_PRICE)
     high = math.log(2.0 / min([c for c in costs.values() if c > 0] or [1.0]))  # every affordable unit goes
+    over = None  # (price, priced removals) of the lowest price known to overshoot
     while abs(best[0]) > budget.tolerance and steps <= settings.max_bisection_steps and high - low > 1e-4:
         middle = (low + high) / 2
-        result, gap = run(math.exp(middle), insignificant_only)
+        result, gap, priced = run(math.exp(middle), insignificant_only)
         steps += 1
         if abs(gap) < abs(best[0]):
-            best = (gap, result, math.exp(middle), None)
-        low, high = (middle, high) if gap < 0 else (low, middle)
-    if abs(best[0]) > budget.tolerance and any(0 < c <= fill_cost for c in costs.values()):
+            best = (gap, result, math.exp(middle), None, None)
+        if gap < 0:
+            low = middle
+        else:
+            high, over = middle, (math.exp(middle), priced)
+    if abs(best[0]) > budget.tolerance and over is not None:
+        fewer, more = 0, over[1]  # priced removals allowed: none falls short, all overshoot
+        while more - fewer > 1 and abs(best[0]) > budget.tolerance:
+            cap = (fewer + more) // 2
+            result, gap, _ = run(over[0], insignificant_only, None, cap)
+            steps += 1
+            if abs(gap) < abs(best[0]):
+                best = (gap, result, over[0], None, cap)
+            fewer, more = (cap, more) if gap < 0 else (fewer, cap)
+    if abs(best[0]) > budget.tolerance and best[4] is None and any(0 < c <= fill_cost for c in costs.values()):
         base = best[2]
         low, high = math.log(LOWEST_PRICE), math.log(2.0 / min(c for c in costs.values() if c > 0))
         for _ in range(settings.max_bisection_steps):
             if abs(best[0]) <= budget.tolerance or high - low <= 1e-4:
                 break
             middle = (low + high) / 2
-            result, gap = run(base, insignificant_only, math.exp(middle))
+            result, gap, _ = run(base, insignificant_only, math.exp(middle))
             steps += 1
             if abs(gap) < abs(best[0]):
-                best = (gap, result, base, math.exp(middle))
+                best = (gap, result, base, math.exp(middle), None)
             low, high = (middle, high) if gap < 0 else (low, middle)
-    _, result, price, fill_price = best
+    _, result, price, fill_price, cap = best
     return result, {
         "price": price,
+        "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
         "fill_price": fill_price,  # None, or the cheap units' own price in the search's last step (see above)
         "priced_units": "insignificant" if insignificant_only else "significant",
         "insignificant_removed": free,
