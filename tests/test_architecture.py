@@ -15,8 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [
     {"mipp.version", "mipp.io"},
     {"mipp.plan", "mipp.models", "mipp.data", "mipp.mi", "mipp.units"},
-    {"mipp.measure", "mipp.activations", "mipp.surgery", "mipp.reconstruct", "mipp.recalibrate", "mipp.checkpoint",
-     "mipp.train"},
+    {"mipp.measure", "mipp.activations", "mipp.positions", "mipp.surgery", "mipp.reconstruct", "mipp.recalibrate",
+     "mipp.checkpoint", "mipp.train"},
     {"mipp.methods"},
     {"mipp.api"},
     {"mipp.experiments", "mipp.demo"},

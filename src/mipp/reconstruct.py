@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from mipp.activations import calibration_batches
 from mipp.plan import Plan
+from mipp.positions import sample_patches
 from mipp.surgery import check_plan_matches, plan_input
 from mipp.units import WEIGHTED_READERS, UnitGraph, find_units
 
@@ -188,36 +189,6 @@ def _accumulate(stats: ReaderStatistics, generator: torch.Generator, positions: 
             features, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
             features = features[:, stats.kept_inputs.to(x.device)]
         else:
-            features, targets = _sampled_patches(module, x, y, stats.kept_inputs, generator, positions)
+            features, targets = sample_patches(module, x, y, stats.kept_inputs, generator, positions)
         stats.add(features, targets[:, stats.kept_outputs.to(y.device)])
     return hook  # returns None: the output is left alone
-
-
-def _sampled_patches(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, kept_channels: torch.Tensor,
-                     generator: torch.Generator, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input patches of the kept channels, (rows, kept * kernel) channel-major, and the conv's output (rows, out) at
-    `positions` output positions per image drawn without replacement (all when the map is smaller). Stride,
-    padding (and its mode) and dilation are the conv's own."""
-    n, spatial = x.shape[0], y.shape[2:]
-    total = math.prod(spatial)
-    count = min(positions, total)
-    flat = torch.rand(n, total, generator=generator).argsort(1)[:, :count].to(x.device)  # (n, count)
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    padded = nn.functional.pad(x[:, kept_channels.to(x.device)], conv._reversed_padding_repeated_twice, mode=mode)
-    d = len(spatial)
-    index = [torch.arange(n, device=x.device).view(n, 1, *[1] * d)]
-    remaining = flat
-    coordinates = []
-    for size in reversed(spatial):  # unravel the flat position, last dimension first
-        coordinates.insert(0, remaining % size)
-        remaining = remaining // size
-    for axis, (coordinate, kernel, stride, dilation) in enumerate(zip(coordinates, conv.kernel_size, conv.stride,
-                                                                       conv.dilation)):
-        offsets = torch.arange(kernel, device=x.device) * dilation
-        shape = [1] * d
-        shape[axis] = kernel
-        index.append(coordinate.view(n, count, *[1] * d) * stride + offsets.view(1, 1, *shape))
-    patches = padded[(index[0], slice(None), *index[1:])]  # (n, count, *kernel, kept): advanced indices first
-    patches = patches.movedim(-1, 2).reshape(n * count, -1)
-    targets = torch.gather(y.flatten(2), 2, flat.unsqueeze(1).expand(n, y.shape[1], count))
-    return patches, targets.transpose(1, 2).reshape(n * count, y.shape[1])

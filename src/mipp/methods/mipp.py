@@ -29,15 +29,17 @@ from typing import Iterator
 import torch
 
 from mipp.activations import Activations, capture
+from mipp.methods.mipp_features import MeanFeatures, PositionFeatures, target_of  # noqa: F401 (target_of: API)
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
 from mipp.mi import estimator_class, get_estimator
 from mipp.mi.base import LayerSession, TestResult
 from mipp.plan import Plan, UnitDecision
-from mipp.units import UnitGroup
+from mipp.positions import POSITIONS_PER_IMAGE, capture_reader_moments
 
 
 ORDERS = ("mi", "greedy")
+FEATURES = ("mean", "patches")
 
 
 @dataclass
@@ -47,6 +49,8 @@ class MIPPSettings:
     confidence: float = 0.95  # the paper's x, in (0.5, 1)
     pool: int | None = None  # None: spatial mean per channel; k: k x k grid features per channel
     order: str = "mi"  # "mi": the paper's fixed MI order; "greedy": lowest current transfer entropy next
+    features: str = "mean"  # "mean": a channel's spatial mean; "patches": k x k patches at sampled positions
+    positions: int = POSITIONS_PER_IMAGE  # features="patches": output positions sampled per image
     max_bisection_steps: int = 30
 
     def __post_init__(self):
@@ -54,6 +58,12 @@ class MIPPSettings:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}; the paper sweeps e.g. 0.9-0.999")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
+        if self.features == "patches" and self.pool is not None:
+            raise ValueError("pool applies to features='mean' only; features='patches' samples positions instead")
+        if self.positions < 1:
+            raise ValueError(f"positions must be >= 1, got {self.positions}")
 
 
 @dataclass
@@ -61,24 +71,6 @@ class SweepResult:
     kept: dict[str, list[int]]
     decisions: dict[str, list[UnitDecision]]
     lost_share: dict[str, float]  # budget mode: per group, the share of its target's variance its removals lost
-
-
-def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], producer_of: dict[str, str]):
-    """Y for a group: the kept activations of every layer that reads it (the logits for the last hidden layer).
-
-    Returns Y and a signature of what it is made of (which sources, which of their units), for caching."""
-    parts, signature = [], []
-    for reader in group.readers:
-        source = producer_of.get(reader)
-        if source is not None and source != group.key and source not in {s for s, _ in signature}:
-            signature.append((source, tuple(kept[source])))
-            parts.append(acts.units[source][:, kept[source]].flatten(1))
-        elif source is None and reader in acts.outputs and reader not in {s for s, _ in signature}:
-            signature.append((reader, ()))
-            parts.append(acts.outputs[reader])
-    if not parts:
-        raise ValueError(f"group {group.key!r} has no captured reader to serve as its target")
-    return torch.cat(parts, 1), (group.key, tuple(signature))
 
 
 class ConfidenceRule:
@@ -151,20 +143,22 @@ def sweep_order(session: LayerSession, unit_mi: torch.Tensor, order: str) -> Ite
         yield unit
 
 
-def sweep(ctx: PruneContext, acts: Activations, estimator, rule, confidence: float, order: str = "mi",
+def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order: str = "mi",
           cache: dict | None = None) -> SweepResult:
     """One output-to-input pass over every group; `rule` decides from each unit's transfer-entropy test.
 
-    `cache` (budget mode, which sweeps many times) keeps each layer's fresh session, keyed by what its target is
-    made of: a layer whose readers kept the same units as in an earlier sweep starts from a copy."""
-    producer_of = ctx.units.producer_group()
+    `features` opens each layer's session: captured `Activations` (spatial means; wrapped in `MeanFeatures`) or a
+    `PositionFeatures`. `cache` (budget mode, which sweeps many times) keeps each layer's fresh session, keyed by
+    what its target is made of: a layer whose readers kept the same units as in an earlier sweep starts from a
+    copy."""
+    if isinstance(features, Activations):
+        features = MeanFeatures(ctx.units, features)
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
     decisions, lost_share = {}, {}
     for group in ctx.units.groups:  # already ordered from the output to the input
-        units = acts.units[group.key]
-        target, signature = target_of(group, acts, kept, producer_of)
+        signature = features.signature(group, kept)
         if cache is None or signature not in cache:
-            session = estimator.session(units, target, confidence)
+            session = features.open(group, kept, estimator, confidence)
             unit_mi = session.unit_mi()
             if cache is not None:
                 cache[signature] = (copy.deepcopy(session), unit_mi)
@@ -194,22 +188,32 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
     """Run MIPP on the context's model and calibration data; returns the Plan."""
     settings = settings or MIPPSettings()
     started = time.perf_counter()
-    if acts is None:
-        acts = capture(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples, pool=settings.pool,
-                       seed=ctx.seed, device=ctx.device)
+    if settings.features == "patches":
+        moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
+                                         positions_per_image=settings.positions, seed=ctx.seed, device=ctx.device)
+        features = PositionFeatures(ctx.units, moments)
+        n_samples = next(r.images for readers in moments.values() for r in readers)
+    else:
+        if acts is None:
+            acts = capture(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples, pool=settings.pool,
+                           seed=ctx.seed, device=ctx.device)
+        _check_samples(acts, settings)
+        features, n_samples = MeanFeatures(ctx.units, acts), acts.n_samples
     capture_seconds = time.perf_counter() - started
-    _check_samples(acts, settings)
     estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
     record = {"estimator": settings.estimator, "estimator_options": settings.estimator_options,
-              "pool": settings.pool, "n_samples": acts.n_samples, "min_units": ctx.min_units}
+              "pool": settings.pool, "n_samples": n_samples, "min_units": ctx.min_units}
     record["order"] = settings.order
+    if settings.features != "mean":  # recorded only when not the default, so earlier plans stay as they were
+        record["features"] = {"kind": settings.features, "positions_per_image": settings.positions,
+                              "effective_samples": features.effective_samples()}
     if budget is None:
-        result = sweep(ctx, acts, estimator, ConfidenceRule(), settings.confidence, settings.order)
+        result = sweep(ctx, features, estimator, ConfidenceRule(), settings.confidence, settings.order)
         record["confidence"] = settings.confidence
         extra = {}
     else:
         ctx.check_reachable(budget)
-        result, extra = _search_price(ctx, acts, estimator, budget, settings)
+        result, extra = _search_price(ctx, features, estimator, budget, settings)
         record["budget"] = {"fraction": budget.fraction, "metric": budget.metric}
         record["confidence"] = settings.confidence  # it decides which units are free
     stats = {"capture_seconds": capture_seconds, "selection_seconds": time.perf_counter() - started, **extra}
@@ -232,7 +236,7 @@ def unit_costs(ctx: PruneContext, metric: str) -> dict[str, float]:
     return {g.key: ctx.cost.fractions_removed({**full, g.key: full[g.key][1:]})[metric] for g in ctx.units.groups}
 
 
-def _search_price(ctx, acts, estimator, budget: Budget, settings: MIPPSettings) -> tuple[SweepResult, dict]:
+def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettings) -> tuple[SweepResult, dict]:
     """Find the price whose sweep removes the budget's fraction; returns the closest sweep and what to record.
 
     First the free sweep (price 0: only insignificant units go). Short of the budget, the price of significant
@@ -248,7 +252,7 @@ def _search_price(ctx, acts, estimator, budget: Budget, settings: MIPPSettings) 
 
     def run(price: float, insignificant_only: bool, fill_price: float | None = None, cap: int | None = None):
         rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
-        result = sweep(ctx, acts, estimator, rule, settings.confidence, settings.order, cache)
+        result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache)
         return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction, rule.priced_removals
 
     fill_cost = 2 * budget.tolerance

@@ -1,0 +1,141 @@
+"""How MIPP opens a layer session: from spatial-mean activations (the paper's reading) or from position samples.
+
+`MeanFeatures`: a unit's features are its activation at the next layer's input (a conv channel's spatial mean),
+the target Y is the kept activations of every layer that reads the group (the logits for the last hidden layer).
+
+`PositionFeatures` (`MIPPSettings(features="patches")`): every (image, position) is a sample, a unit's features
+are its k x k input patch at a reader's output position and Y is the reader's own output (pre-activation) there,
+on the output channels the already pruned next layer kept (`mipp.positions`). Sessions come from moments captured
+once, so a sweep only slices covariances. A group read at several points (a residual stream) gets one Gaussian
+session per reader, joined by `JointSession`: a unit's transfer entropy is the sum over readers, it is significant
+when it is for some reader (Bonferroni over readers), its variance share lost is the mean of the readers' shares,
+and a removal is applied to every reader. The test uses each reader's effective sample size (intra-image
+correlation, see `mipp.positions`).
+"""
+from __future__ import annotations
+
+import torch
+
+from mipp.activations import Activations
+from mipp.mi.base import LayerSession, TestResult, decide
+from mipp.mi.gaussian import GaussianEstimator, GaussianLayerSession, regularise
+from mipp.positions import ReaderMoments
+from mipp.units import UnitGraph, UnitGroup
+
+
+class MeanFeatures:
+    """Sessions on captured activations (one feature block per unit and reading point)."""
+
+    def __init__(self, units: UnitGraph, acts: Activations):
+        self.acts, self.producer_of = acts, units.producer_group()
+
+    def signature(self, group: UnitGroup, kept: dict[str, list[int]]):
+        return self._target(group, kept)[1]
+
+    def open(self, group: UnitGroup, kept: dict[str, list[int]], estimator, confidence: float) -> LayerSession:
+        return estimator.session(self.acts.units[group.key], self._target(group, kept)[0], confidence)
+
+    def _target(self, group, kept):
+        return target_of(group, self.acts, kept, self.producer_of)
+
+    def effective_samples(self) -> dict[str, int]:
+        return {}
+
+
+def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], producer_of: dict[str, str]):
+    """Y for a group: the kept activations of every layer that reads it (the logits for the last hidden layer).
+
+    Returns Y and a signature of what it is made of (which sources, which of their units), for caching."""
+    parts, signature = [], []
+    for reader in group.readers:
+        source = producer_of.get(reader)
+        if source is not None and source != group.key and source not in {s for s, _ in signature}:
+            signature.append((source, tuple(kept[source])))
+            parts.append(acts.units[source][:, kept[source]].flatten(1))
+        elif source is None and reader in acts.outputs and reader not in {s for s, _ in signature}:
+            signature.append((reader, ()))
+            parts.append(acts.outputs[reader])
+    if not parts:
+        raise ValueError(f"group {group.key!r} has no captured reader to serve as its target")
+    return torch.cat(parts, 1), (group.key, tuple(signature))
+
+
+class PositionFeatures:
+    """Sessions on position-sampled reader moments (`mipp.positions.capture_reader_moments`)."""
+
+    def __init__(self, units: UnitGraph, moments: dict[str, list[ReaderMoments]]):
+        self.moments = moments
+        self.producer_of = units.producer_group()
+        self.output_units: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # reader -> its output group
+        for group in units.groups:
+            for coupling in group.coupled("out"):
+                if coupling.module_name in self.producer_of and self.producer_of[coupling.module_name] == group.key:
+                    self.output_units[coupling.module_name] = (group.key, coupling.index, coupling.unit)
+        self._covariances: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _kept_outputs(self, reader: ReaderMoments, kept: dict[str, list[int]]) -> tuple[str, tuple[int, ...]]:
+        found = self.output_units.get(reader.reader)
+        if found is None or found[0] == reader.group:
+            return reader.reader, ()  # every output (the logits, or a reader feeding no pruned group)
+        source, index, unit = found
+        columns = index[torch.isin(unit, torch.tensor(kept[source], dtype=torch.long))]
+        return source, tuple(sorted(columns.tolist()))
+
+    def signature(self, group: UnitGroup, kept: dict[str, list[int]]):
+        return group.key, tuple(self._kept_outputs(r, kept) for r in self.moments[group.key])
+
+    def open(self, group: UnitGroup, kept: dict[str, list[int]], estimator, confidence: float) -> LayerSession:
+        if not isinstance(estimator, GaussianEstimator):
+            raise ValueError(
+                f"features='patches' needs the gaussian estimator (its moments are what the position samples "
+                f"accumulate), not {type(estimator).__name__}: use estimator='gaussian' or features='mean'"
+            )
+        sessions = []
+        for reader in self.moments[group.key]:
+            _, columns = self._kept_outputs(reader, kept)
+            width = reader.n_units * reader.f
+            outputs = list(columns) if columns else list(range(reader.n_outputs))
+            index = torch.tensor(list(range(width)) + [width + c for c in outputs], dtype=torch.long)
+            cov = self._covariance(reader)[index][:, index]
+            blocks = [(list(range(width)), estimator.ridge), (list(range(width, len(index))), estimator.target_ridge)]
+            cov = regularise(cov, blocks, estimator.floor, estimator.ridge_scale)
+            sessions.append(GaussianLayerSession(cov, reader.n_units, reader.f, reader.effective_samples, confidence,
+                                                 estimator.refresh_every))
+        return sessions[0] if len(sessions) == 1 else JointSession(sessions, confidence)
+
+    def _covariance(self, reader: ReaderMoments) -> torch.Tensor:
+        key = (reader.group, reader.reader)
+        if key not in self._covariances:
+            self._covariances[key] = reader.moments.covariance()
+        return self._covariances[key]
+
+    def effective_samples(self) -> dict[str, int]:
+        """Per group, the smallest effective sample size of its readers (what the plan records)."""
+        return {key: min(r.effective_samples for r in readers) for key, readers in self.moments.items() if readers}
+
+
+class JointSession(LayerSession):
+    """One group read at several points: a Gaussian session per reader, removals applied to all (see module doc)."""
+
+    def __init__(self, sessions: list[LayerSession], confidence: float):
+        self.sessions, self.confidence = sessions, confidence
+        self.n_units = sessions[0].n_units
+        self.kept = sessions[0].kept  # every session removes the same units; the first one's list is the truth
+
+    def unit_mi(self) -> torch.Tensor:
+        return sum(s.unit_mi() for s in self.sessions)
+
+    def transfer_entropy(self, i: int) -> TestResult:
+        results = [s.transfer_entropy(i) for s in self.sessions]
+        p_value = min(1.0, len(results) * min(r.p_value for r in results))
+        return decide(sum(r.estimate for r in results), p_value, self.confidence)
+
+    def transfer_entropies(self) -> torch.Tensor:
+        return sum(s.transfer_entropies() for s in self.sessions)
+
+    def variance_share_lost(self, i: int) -> float:
+        return sum(s.variance_share_lost(i) for s in self.sessions) / len(self.sessions)
+
+    def remove(self, i: int) -> None:
+        for session in self.sessions:
+            session.remove(i)

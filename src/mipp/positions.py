@@ -1,0 +1,178 @@
+"""What each reader sees at sampled positions: a unit's input patch and the reader's own output, as samples.
+
+A convolution reads a channel at every spatial position through its k x k kernel, and its output at a position is
+a linear function of the input patches there. Summarising a channel by its spatial mean (the default features of
+`mipp.activations`) averages that relation away. Here every (image, output position) pair is one sample: a unit's
+features are its channel's k x k input patch at that position (f = k*k, channel-major as `weight.reshape(out, -1)`
+lays them out) and the target is the reader's output (its pre-activation) at the same position. A Linear reader's
+sample is the image itself: a unit's features are the input features that belong to it (after a Flatten, all
+positions of a channel).
+
+`capture_reader_moments` runs the calibration data once and accumulates, per group and per distinct reader, the
+joint Gaussian moments of [unit features (unit-major), reader output] in float64 (bounded memory: never the samples
+themselves), plus what an effective sample size needs. Positions of one image are correlated, so they are not
+independent samples: the chi-squared test uses n_eff = N P / (1 + (P - 1) rho), Kish's design effect for clusters
+of P positions, with rho the intra-image correlation of the reader's outputs (the one-way ANOVA estimate, averaged
+over output channels, clipped to [0, 1]). rho = 0 gives N P samples; rho = 1 gives N, what the spatial mean had.
+The same moments hold every block reconstruction needs (Gram of kept patches, cross-product with the output).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from mipp.activations import calibration_batches
+from mipp.mi.gaussian import GaussianMoments
+from mipp.units import Coupling, UnitGraph
+
+# Output positions sampled per image for a convolution reader (all of them when its map is smaller).
+POSITIONS_PER_IMAGE = 16
+
+
+@dataclass
+class ReaderMoments:
+    """Joint moments of one reader's [unit features, output] samples for one group of units."""
+
+    group: str
+    reader: str
+    n_units: int
+    f: int  # features per unit
+    n_outputs: int
+    moments: GaussianMoments = field(default_factory=GaussianMoments)
+    images: int = 0
+    positions: int = 1  # samples per image (P)
+    # for the intra-image correlation of the outputs: per channel, sum over images of P * (image mean)^2
+    between: torch.Tensor | None = None
+
+    @property
+    def intra_image_correlation(self) -> float:
+        """One-way ANOVA estimate of rho, averaged over output channels, in [0, 1] (0 with one sample per image)."""
+        if self.positions <= 1 or self.images < 2 or self.between is None:
+            return 0.0
+        n, p = self.images, self.positions
+        count, total, outer = self.moments.as_sums()
+        out = slice(self.n_units * self.f, None)
+        grand = total[out] ** 2 / count
+        ss_total = outer.diagonal()[out] - grand
+        ss_between = self.between - grand
+        ms_between = ss_between / (n - 1)
+        ms_within = (ss_total - ss_between).clamp_min(0) / (n * (p - 1))
+        denominator = ms_between + (p - 1) * ms_within
+        rho = torch.where(denominator > 0, (ms_between - ms_within) / denominator.clamp_min(1e-300),
+                          torch.ones_like(denominator))
+        return float(rho.clamp(0.0, 1.0).mean())
+
+    @property
+    def effective_samples(self) -> int:
+        """n_eff = N P / (1 + (P - 1) rho): the samples' worth for the significance test."""
+        total = self.images * self.positions
+        return max(self.images, int(round(total / (1.0 + (self.positions - 1) * self.intra_image_correlation))))
+
+    def add(self, features: torch.Tensor, outputs: torch.Tensor, per_image: int) -> None:
+        """One batch: (n * per_image, n_units * f) features and (n * per_image, n_outputs) outputs."""
+        self.moments.update(features, outputs)
+        n = features.shape[0] // per_image
+        means = outputs.double().reshape(n, per_image, -1).mean(1)
+        added = per_image * (means ** 2).sum(0)
+        self.between = added if self.between is None else self.between + added
+        self.images += n
+        self.positions = per_image
+
+
+def unit_columns(coupling: Coupling, n_units: int) -> tuple[torch.Tensor, int]:
+    """The reader's input columns of a group in unit-major order, and the number per unit; every unit must have
+    the same number (one channel each, or the same positions each after a Flatten)."""
+    counts = torch.bincount(coupling.unit, minlength=n_units)
+    if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+        raise ValueError(
+            f"reader {coupling.module_name!r} reads the units of one group through unequal numbers of inputs; "
+            "position features need the same number per unit: use features='mean' for this model"
+        )
+    order = torch.argsort(coupling.unit, stable=True)
+    return coupling.index[order], int(counts[0])
+
+
+def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000,
+                           positions_per_image: int = POSITIONS_PER_IMAGE, batch_size: int = 256, seed: int = 0,
+                           device: str | torch.device | None = None) -> dict[str, list[ReaderMoments]]:
+    """Per group, the moments of each distinct reader (one per reading point) on the calibration data."""
+    device = torch.device(device or next(model.parameters()).device)
+    generator = torch.Generator().manual_seed(seed)
+    collected: dict[str, list[ReaderMoments]] = {}
+    handles = []
+    for group in units.groups:
+        collected[group.key] = []
+        for coupling in units.reading_points[group.key]:
+            module = model.get_submodule(coupling.module_name)
+            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                raise ValueError(f"reader {coupling.module_name!r} of group {group.key!r} is a "
+                                 f"{type(module).__name__}; position features need Linear or Conv readers")
+            columns, f = unit_columns(coupling, group.size)
+            kernel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
+            stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0])
+            collected[group.key].append(stats)
+            handles.append(module.register_forward_hook(_accumulate(stats, columns, generator, positions_per_image)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration_batches(data, n_samples, batch_size, seed):
+                model(batch.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for stats in (s for readers in collected.values() for s in readers):
+        if stats.images == 0:
+            raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
+                             "reaches it")
+    return collected
+
+
+def _accumulate(stats: ReaderMoments, columns: torch.Tensor, generator: torch.Generator, positions: int):
+    def hook(module, inputs, output):
+        x, y = inputs[0].detach().float(), output.detach().float()
+        if isinstance(module, nn.Linear):
+            n = x.shape[0]
+            per_image = math.prod(x.shape[1:-1])  # tokens of a sequence input; 1 for a flat one
+            features = x.reshape(-1, x.shape[-1])[:, columns.to(x.device)]
+            targets = y.reshape(-1, y.shape[-1])
+        else:
+            features, targets = sample_patches(module, x, y, columns, generator, positions)
+            n = x.shape[0]
+            per_image = features.shape[0] // n
+        stats.add(features.cpu(), targets.cpu(), per_image)
+    return hook  # returns None: the output is left alone
+
+
+def sample_patches(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, channels: torch.Tensor,
+                   generator: torch.Generator, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input patches of `channels` (in that order), (rows, len(channels) * kernel) channel-major, and the conv's
+    output (rows, out) at `positions` output positions per image drawn without replacement (all when the map is
+    smaller). Stride, padding (and its mode) and dilation are the conv's own."""
+    n, spatial = x.shape[0], y.shape[2:]
+    total = math.prod(spatial)
+    count = min(positions, total)
+    flat = torch.rand(n, total, generator=generator).argsort(1)[:, :count].to(x.device)  # (n, count)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = nn.functional.pad(x[:, channels.to(x.device)], conv._reversed_padding_repeated_twice, mode=mode)
+    d = len(spatial)
+    index = [torch.arange(n, device=x.device).view(n, 1, *[1] * d)]
+    remaining = flat
+    coordinates = []
+    for size in reversed(spatial):  # unravel the flat position, last dimension first
+        coordinates.insert(0, remaining % size)
+        remaining = remaining // size
+    for axis, (coordinate, kernel, stride, dilation) in enumerate(zip(coordinates, conv.kernel_size, conv.stride,
+                                                                       conv.dilation)):
+        offsets = torch.arange(kernel, device=x.device) * dilation
+        shape = [1] * d
+        shape[axis] = kernel
+        index.append(coordinate.view(n, count, *[1] * d) * stride + offsets.view(1, 1, *shape))
+    patches = padded[(index[0], slice(None), *index[1:])]  # (n, count, *kernel, channels): advanced indices first
+    patches = patches.movedim(-1, 2).reshape(n * count, -1)
+    targets = torch.gather(y.flatten(2), 2, flat.unsqueeze(1).expand(n, y.shape[1], count))
+    return patches, targets.transpose(1, 2).reshape(n * count, y.shape[1])
