@@ -9,6 +9,7 @@ from mipp.api import make_context
 from mipp.methods.mipp import PriceRule, sweep, sweep_order, unit_costs
 from mipp.mi import get_estimator
 from mipp.models.planted import TRUTH, planted_inputs, planted_network
+from mipp.plan import UnitDecision
 
 N_CAL = 512
 
@@ -93,3 +94,27 @@ def test_unknown_order_is_a_clear_error():
     model = small_model("mlp")
     with pytest.raises(ValueError, match="order must be one of"):
         select_plan(model, inputs_for(model, N_CAL), n_samples=N_CAL, order="random")
+
+
+def test_a_search_left_short_is_topped_up_with_the_cheapest_information():
+    """Where the removed fraction jumps past the budget between two nearly equal prices, the closest sweep that
+    falls short gets the kept units with the least variance share per cost removed until the budget is met."""
+    from mipp.methods.base import Budget
+    from mipp.methods.mipp import SweepResult, _top_up
+
+    model = small_model("lenet5")
+    data = inputs_for(model, N_CAL, rank=8)
+    ctx = make_context(model, data, n_samples=N_CAL)
+    costs = unit_costs(ctx, "macs")
+    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
+    decisions = {g.key: [UnitDecision(unit=i, kept=True) for i in range(g.size)] for g in ctx.units.groups}
+    shares = {g.key: [(i, 0.01 * (i + 1)) for i in range(g.size)] for g in ctx.units.groups}
+    result = SweepResult(kept, decisions, {}, shares)
+    budget = Budget(0.3, "macs")
+    added = _top_up(ctx, result, costs, budget)
+    reached = ctx.cost.fractions_removed(result.kept)["macs"]
+    assert abs(reached - 0.3) <= budget.tolerance and added == sum(not d.kept for ds in decisions.values() for d in ds)
+    # the cheapest per cost went first: within each group, the lowest shares (first units) are the ones removed
+    for key, units in result.kept.items():
+        removed = sorted(set(range(len(decisions[key]))) - set(units))
+        assert removed == list(range(len(removed)))

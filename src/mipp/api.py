@@ -89,7 +89,8 @@ def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, r
     batch-norm recalibration after it; records settings and what was done in the plan."""
     started = time.perf_counter()
     statistics = (reconstruction_statistics(target, plan, data, units=ctx.units, n_samples=ctx.n_samples,
-                                            seed=ctx.seed, device=ctx.device) if reconstruct else {})
+                                            seed=ctx.seed, device=ctx.device, moments=ctx.reader_moments)
+                  if reconstruct else {})
     statistics_seconds = time.perf_counter() - started
     apply_plan(target, plan, units=ctx.units)
     started = time.perf_counter()

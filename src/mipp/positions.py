@@ -41,6 +41,8 @@ class ReaderMoments:
     n_units: int
     f: int  # features per unit
     n_outputs: int
+    columns: torch.Tensor | None = None  # the reader's input column (channel / feature) of each unit-major slot
+    kernel: int = 1  # features per input column (a conv's kernel area)
     moments: GaussianMoments = field(default_factory=GaussianMoments)
     images: int = 0
     positions: int = 1  # samples per image (P)
@@ -70,6 +72,15 @@ class ReaderMoments:
         """n_eff = N P / (1 + (P - 1) rho): the samples' worth for the significance test."""
         total = self.images * self.positions
         return max(self.images, int(round(total / (1.0 + (self.positions - 1) * self.intra_image_correlation))))
+
+    def feature_index(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Feature columns of the reader's input columns `inputs` (each with its kernel offsets, in that order), or
+        None when some of them are not among this group's (the reader also reads other groups)."""
+        slot = {int(c): k for k, c in enumerate(self.columns.tolist())}
+        if any(int(c) not in slot for c in inputs.tolist()):
+            return None
+        slots = torch.tensor([slot[int(c)] for c in inputs.tolist()], dtype=torch.long)
+        return (slots[:, None] * self.kernel + torch.arange(self.kernel)).reshape(-1)
 
     def add(self, features: torch.Tensor, outputs: torch.Tensor, per_image: int) -> None:
         """One batch: (n * per_image, n_units * f) features and (n * per_image, n_outputs) outputs."""
@@ -112,7 +123,8 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
                                  f"{type(module).__name__}; position features need Linear or Conv readers")
             columns, f = unit_columns(coupling, group.size)
             kernel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
-            stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0])
+            stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0],
+                                  columns, kernel)
             collected[group.key].append(stats)
             handles.append(module.register_forward_hook(_accumulate(stats, columns, generator, positions_per_image)))
     was_training = model.training

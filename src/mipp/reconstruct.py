@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from mipp.activations import calibration_batches
 from mipp.plan import Plan
-from mipp.positions import sample_patches
+from mipp.positions import ReaderMoments, sample_patches
 from mipp.surgery import check_plan_matches, plan_input
 from mipp.units import WEIGHTED_READERS, UnitGraph, find_units
 
@@ -118,12 +118,15 @@ def affected_readers(model: nn.Module, plan: Plan, units: UnitGraph) -> tuple[di
 def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: UnitGraph | None = None,
                               example_input: torch.Tensor | None = None, n_samples: int = 2000,
                               batch_size: int = 256, seed: int = 0, positions_per_image: int = POSITIONS_PER_IMAGE,
-                              device: str | torch.device | None = None) -> dict[str, ReaderStatistics]:
+                              device: str | torch.device | None = None,
+                              moments: dict[str, list[ReaderMoments]] | None = None) -> dict[str, ReaderStatistics]:
     """Run the calibration data once through the UNPRUNED `model` (eval mode, no gradients) and accumulate every
     affected reader's least-squares statistics. Call it before `apply_plan`, then `refit_readers` after it.
 
     `units` is the model's trace (traced here when None). Grouped convolutions touched by the plan are named in a
-    warning and skipped."""
+    warning and skipped. `moments`: position-sampled reader moments the selection already captured on the same
+    model and data (MIPP with features="patches"); a reader whose kept inputs they all cover takes its sums from
+    them, and the pass runs only for the others (none: no pass)."""
     units = units or find_units(model, plan_input(model, plan, example_input))
     check_plan_matches(plan, units)
     readers, grouped = affected_readers(model, plan, units)
@@ -133,11 +136,13 @@ def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: Unit
     device = torch.device(device or next(model.parameters()).device)
     statistics = {name: _empty_statistics(name, model.get_submodule(name), kept_in, kept_out, device)
                   for name, (kept_in, kept_out) in readers.items()}
-    if not statistics:
+    reused = _from_moments(statistics, moments or {})
+    pending = {name: stats for name, stats in statistics.items() if name not in reused}
+    if not pending:
         return statistics
     generator = torch.Generator().manual_seed(seed)
     handles = [model.get_submodule(name).register_forward_hook(_accumulate(stats, generator, positions_per_image))
-               for name, stats in statistics.items()]
+               for name, stats in pending.items()]
     was_training = model.training
     model.eval()
     try:
@@ -169,6 +174,28 @@ def refit_readers(model: nn.Module, statistics: dict[str, ReaderStatistics], *, 
             if bias is not None:
                 module.bias.copy_(bias.to(module.bias.dtype))
     return list(statistics)
+
+
+def _from_moments(statistics: dict[str, ReaderStatistics], moments: dict[str, list[ReaderMoments]]) -> set[str]:
+    """Fill the statistics of readers whose kept inputs one reader's moments cover, from those moments' raw sums
+    (count, sum, sum of outer products); returns their names."""
+    filled = set()
+    by_reader = {m.reader: m for readers in moments.values() for m in readers}
+    for name, stats in statistics.items():
+        found = by_reader.get(name)
+        index = None if found is None else found.feature_index(stats.kept_inputs)
+        if index is None or len(index) != stats.gram.shape[0]:
+            continue
+        count, total, outer = found.moments.as_sums()
+        outputs = found.n_units * found.f + stats.kept_outputs
+        device = stats.gram.device
+        stats.gram.copy_(outer[index][:, index].to(device))
+        stats.cross.copy_(outer[index][:, outputs].to(device))
+        stats.input_sum.copy_(total[index].to(device))
+        stats.output_sum.copy_(total[outputs].to(device))
+        stats.rows = count
+        filled.add(name)
+    return filled
 
 
 def _empty_statistics(name, module, kept_in, kept_out, device) -> ReaderStatistics:

@@ -49,6 +49,8 @@ class PruneContext:
     seed: int = 0
     n_samples: int = 2000
     device: str | None = None
+    # position-sampled reader moments a method captured (MIPP, features="patches"): reconstruction reuses them
+    reader_moments: dict | None = field(default=None, repr=False)
 
     def min_width(self, size: int) -> int:
         """The collapse guard: how many units a group of `size` keeps at least (>= 1 always)."""

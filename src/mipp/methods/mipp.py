@@ -71,6 +71,8 @@ class SweepResult:
     kept: dict[str, list[int]]
     decisions: dict[str, list[UnitDecision]]
     lost_share: dict[str, float]  # budget mode: per group, the share of its target's variance its removals lost
+    # with collect_remaining: per group, (unit, variance share its removal would lose) for every kept unit at the end
+    remaining: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 class ConfidenceRule:
@@ -144,7 +146,7 @@ def sweep_order(session: LayerSession, unit_mi: torch.Tensor, order: str) -> Ite
 
 
 def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order: str = "mi",
-          cache: dict | None = None) -> SweepResult:
+          cache: dict | None = None, collect_remaining: bool = False) -> SweepResult:
     """One output-to-input pass over every group; `rule` decides from each unit's transfer-entropy test.
 
     `features` opens each layer's session: captured `Activations` (spatial means; wrapped in `MeanFeatures`) or a
@@ -154,7 +156,7 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
     if isinstance(features, Activations):
         features = MeanFeatures(ctx.units, features)
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
-    decisions, lost_share = {}, {}
+    decisions, lost_share, remaining = {}, {}, {}
     for group in ctx.units.groups:  # already ordered from the output to the input
         signature = features.signature(group, kept)
         if cache is None or signature not in cache:
@@ -180,7 +182,9 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
                 lost_share[group.key] += share or 0.0
         kept[group.key] = sorted(session.kept)
         decisions[group.key] = [records[i] for i in range(group.size)]
-    return SweepResult(kept, decisions, lost_share if rule.prices_units else {})
+        if collect_remaining and len(session.kept) > floor:
+            remaining[group.key] = [(u, session.variance_share_lost(u)) for u in session.kept]
+    return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining)
 
 
 def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,
@@ -192,6 +196,7 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
         moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
                                          positions_per_image=settings.positions, seed=ctx.seed, device=ctx.device)
         features = PositionFeatures(ctx.units, moments)
+        ctx.reader_moments = moments  # the same sums are every re-fitted reader's normal equations
         n_samples = next(r.images for readers in moments.values() for r in readers)
     else:
         if acts is None:
@@ -294,6 +299,12 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
                 best = (gap, result, base, math.exp(middle), None)
             low, high = (middle, high) if gap < 0 else (low, middle)
     _, result, price, fill_price, cap = best
+    topped_up = 0
+    if best[0] < -budget.tolerance:
+        rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
+        result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache,
+                       collect_remaining=True)
+        topped_up = _top_up(ctx, result, costs, budget)
     return result, {
         "price": price,
         "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
@@ -302,7 +313,36 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
         "insignificant_removed": free,
         "bisection_steps": steps,
         "lost_share": result.lost_share,
+        "topped_up": topped_up,  # removals added after the search (see _top_up)
     }
+
+
+def _top_up(ctx: PruneContext, result: SweepResult, costs: dict[str, float], budget: Budget) -> int:
+    """Close a gap the price search left short of the budget: remove more kept units, those whose removal loses
+    the least variance share per unit of cost first (their shares measured in the final sweep, each layer given
+    the kept units of the layers after it), skipping any that would overshoot the budget by more than its
+    tolerance, until the budget is within tolerance. Where the removed fraction jumps between two nearly equal
+    prices (one coarse channel changes the targets of the layers before it), this takes the closest sweep that
+    falls short and adds the cheapest information to it, without sweeping again. Records the removals."""
+    candidates = sorted(((share / max(costs[key], 1e-15), key, unit, share) for key, units in result.remaining.items()
+                         for unit, share in units), key=lambda c: (c[0], c[1], c[2]))
+    kept = {key: list(units) for key, units in result.kept.items()}
+    fraction = ctx.cost.fractions_removed(kept)[budget.metric]
+    added = 0
+    for _, key, unit, share in candidates:
+        if fraction >= budget.fraction - budget.tolerance:
+            break
+        if len(kept[key]) <= ctx.min_width(len(result.decisions[key])):
+            continue
+        trial = {**kept, key: [u for u in kept[key] if u != unit]}
+        reached = ctx.cost.fractions_removed(trial)[budget.metric]
+        if reached > budget.fraction + budget.tolerance:
+            continue
+        kept, fraction, added = trial, reached, added + 1
+        result.decisions[key][unit].kept = False
+        result.lost_share[key] = result.lost_share.get(key, 0.0) + share
+    result.kept.update(kept)
+    return added
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
