@@ -83,6 +83,22 @@ def main() -> None:
                  (f"reconstruction solves ({len(statistics)} readers)", solve, None),
                  (f"selection + reconstruction, {positions} positions/image{mark}", selection + gather + solve,
                   relative_error(target, model, held_out))]
+    # features="patches": the selection's position-sampled moments are the readers' normal equations (no second pass)
+    patches_ctx = make_context(model, data, n_samples=args.samples)
+    patches_plan, patches_selection = timed(
+        lambda: get_method("mipp").select(patches_ctx, Budget(0.5, "macs"), features="patches"))
+    target = copy.deepcopy(model)
+    units = find_units(target, ctx.example_input)
+    statistics, gather = timed(lambda: reconstruction_statistics(
+        target, patches_plan, data, units=units, n_samples=args.samples, moments=patches_ctx.reader_moments))
+    apply_plan(target, patches_plan, units=units)
+    _, solve = timed(lambda: refit_readers(target, statistics))
+    rows += [(f"MIPP selection, features='patches' ({100 * patches_plan.stats['macs_removed']:.1f}% of MACs)",
+              patches_selection, None),
+             ("reconstruction statistics from the selection's moments", gather, None),
+             (f"reconstruction solves ({len(statistics)} readers)", solve, None),
+             ("selection + reconstruction, features='patches'", patches_selection + gather + solve,
+              relative_error(target, model, held_out))]
     _, recalibration = timed(lambda: recalibrate_batch_norm(target, data))
     rows.append(("batch-norm recalibration (16 batches of 128)", recalibration, None))
     for label, seconds, error in rows:

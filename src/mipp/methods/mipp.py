@@ -15,7 +15,16 @@ whose value for the last hidden layer is set by the target ridge. A unit's cost 
 that removing one unit of its group removes. Insignificant units go first, at no cost; a significant unit goes
 when lost share <= price * cost; one global price is bisected (on its logarithm) to reach the budget, so per-layer
 widths emerge from where information is cheap. (It replaces a rule that let every layer lose the same share of its
-own information: cost-blind, blind to significance, and tied to the ridge.)
+own information: cost-blind, blind to significance, and tied to the ridge.) Where one coarse unit makes the removed
+fraction jump past the target between two nearly equal prices, the closest sweep that falls short is topped up
+with the kept units that lose the least variance share per cost (`_top_up`).
+
+Features (`MIPPSettings.features`): "mean", the paper's reading, summarises a conv channel by its spatial mean at
+the next layer's input and takes the next layer's kept activations as target; "patches" takes every sampled
+(image, output position) as a sample, a unit's k x k input patch as its features and the reader's own output there
+as target (`mipp.positions`, `mipp.methods.mipp_features`), the relation a convolution actually computes. Its test
+counts an effective sample size for the correlated positions of one image, and its moments are also the normal
+equations of the reconstruction, which then needs no second pass.
 """
 from __future__ import annotations
 
@@ -300,11 +309,11 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
             low, high = (middle, high) if gap < 0 else (low, middle)
     _, result, price, fill_price, cap = best
     topped_up = 0
-    if best[0] < -budget.tolerance:
+    if best[0] < -budget.tolerance and over is not None and not insignificant_only:
         rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
         result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache,
                        collect_remaining=True)
-        topped_up = _top_up(ctx, result, costs, budget)
+        topped_up = _top_up(ctx, result, costs, budget, max_price=TOP_UP_PRICE_FACTOR * over[0])
     return result, {
         "price": price,
         "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
@@ -317,15 +326,23 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     }
 
 
-def _top_up(ctx: PruneContext, result: SweepResult, costs: dict[str, float], budget: Budget) -> int:
+TOP_UP_PRICE_FACTOR = 2.0  # the top-up removes units priced at most twice the lowest price that overshot
+
+
+def _top_up(ctx: PruneContext, result: SweepResult, costs: dict[str, float], budget: Budget,
+            max_price: float = math.inf) -> int:
     """Close a gap the price search left short of the budget: remove more kept units, those whose removal loses
     the least variance share per unit of cost first (their shares measured in the final sweep, each layer given
     the kept units of the layers after it), skipping any that would overshoot the budget by more than its
-    tolerance, until the budget is within tolerance. Where the removed fraction jumps between two nearly equal
+    tolerance, until the budget is within tolerance. Only units priced at most `max_price` are candidates
+    (TOP_UP_PRICE_FACTOR times the lowest price the search saw overshoot), so a gap is never closed with
+    information priced far above what the search itself removed: a cheap unit of a layer already cut to a few
+    units is often priced 30x higher and stays. Where the removed fraction jumps between two nearly equal
     prices (one coarse channel changes the targets of the layers before it), this takes the closest sweep that
     falls short and adds the cheapest information to it, without sweeping again. Records the removals."""
     candidates = sorted(((share / max(costs[key], 1e-15), key, unit, share) for key, units in result.remaining.items()
-                         for unit, share in units), key=lambda c: (c[0], c[1], c[2]))
+                         for unit, share in units if share <= max_price * costs[key]),
+                        key=lambda c: (c[0], c[1], c[2]))
     kept = {key: list(units) for key, units in result.kept.items()}
     fraction = ctx.cost.fractions_removed(kept)[budget.metric]
     added = 0
