@@ -15,7 +15,7 @@ in PyTorch: the torch.export-based one ("dynamo", PyTorch's default since 2.9; n
 TorchScript-based one ("torchscript", deprecated by PyTorch but fast and available on every torch mipp supports).
 ``exporter="auto"`` takes the first when it is installed, else the second; the result says which ran.
 TorchScript itself (``torch.jit``) is deprecated by recent torch (2.13 warns) in favour of ``torch.export``, but is the
-format many serving stacks load; it is written here as the issue asks, and its DeprecationWarnings are left visible.
+format many serving stacks load, so it is written here; its DeprecationWarnings are left visible.
 """
 from __future__ import annotations
 
