@@ -83,7 +83,7 @@ def export_command(args: argparse.Namespace) -> dict:
 def render_export(result: dict) -> str:
     pruned = {"checkpoint": "pruned (Plan from the checkpoint)", "file": "pruned by the given Plan (weights not "
               "re-fitted)", None: "unpruned"}[result["plan_source"]]
-    lines = [f"{result['model']} ({pruned}, {result['params']:,} parameters, input {result['input_shape']})"]
+    lines = [f"{result['model']}, {pruned}: {result['params']:,} parameters, input {result['input_shape']}"]
     for e in result["exports"]:
         lines.append(f"{e['format']:<11} {e['path']}  ({e['exporter']}; max difference {e['max_difference']:.2g}, "
                      f"allowed {e['tolerance']:.2g}, batches {e['checked_batch_sizes']})")
