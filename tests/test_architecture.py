@@ -16,7 +16,7 @@ LAYERS = [
     {"mipp.version", "mipp.io"},
     {"mipp.plan", "mipp.models", "mipp.data", "mipp.mi", "mipp.units"},
     {"mipp.measure", "mipp.activations", "mipp.positions", "mipp.surgery", "mipp.reconstruct", "mipp.recalibrate",
-     "mipp.checkpoint", "mipp.train"},
+     "mipp.checkpoint", "mipp.train", "mipp.export"},
     {"mipp.methods"},
     {"mipp.api"},
     {"mipp.experiments", "mipp.demo"},

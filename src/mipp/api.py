@@ -5,6 +5,11 @@ order, the MACs and the reading points, and is handed to the cost model, the met
 reconstruction and surgery. After selection, by default, the readers of removed units are re-fitted to the original
 outputs (`mipp.reconstruct`, one more pass over the calibration data, before surgery) and batch-norm statistics are
 re-estimated on the pruned model (`mipp.recalibrate`), for every method alike.
+
+Device: with `device=` ("cpu", "cuda", "cuda:1", "auto") the model is moved there (`prune`: its copy, which is
+returned there; `select_plan`: a copy when the model is elsewhere) and capture, gradient criteria, reconstruction
+statistics (float64 accumulators) and recalibration run there; the captured activations go to the host, where the
+MI estimators work in float64. Without it, everything runs where the model's parameters are.
 """
 from __future__ import annotations
 
@@ -17,17 +22,19 @@ import torch.nn as nn
 from mipp.activations import check_calibration_data
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
+from mipp.methods.gradients import model_device
 from mipp.plan import Plan
 from mipp.recalibrate import RECALIBRATION_BATCHES, recalibrate_batch_norm
 from mipp.reconstruct import reconstruction_statistics, refit_readers
 from mipp.surgery import apply_plan
+from mipp.train import resolve_device
 from mipp.units import example_input_for, find_units
 
 
 def make_context(model: nn.Module, data, *, example_input=None, min_units=1, n_samples=2000, seed=0,
                  device=None) -> PruneContext:
     """Trace `model` (the one trace of a prune call) and gather what a method may look at."""
-    example_input = example_input_for(model, example_input)
+    example_input = example_input_for(model, example_input).to(model_device(model))
     units = find_units(model, example_input)
     cost = CostModel.build(model, units)
     return PruneContext(model, units, data, example_input, cost, min_units=min_units, seed=seed,
@@ -55,7 +62,11 @@ def _select(model: nn.Module, data, method: str, budget, metric: str, context_op
 def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units",
                 min_units=1, n_samples: int = 2000, seed: int = 0, example_input=None, device=None,
                 **options) -> Plan:
-    """Decide which units to keep, without changing the model."""
+    """Decide which units to keep, without changing the model (with `device`, a copy of it is moved there)."""
+    if device is not None:
+        device = resolve_device(device)
+        if model_device(model) != device:
+            model = copy.deepcopy(model).to(device)
     context = dict(example_input=example_input, min_units=min_units, n_samples=n_samples, seed=seed, device=device)
     return _select(model, data, method, budget, metric, context, options)[0]
 
@@ -75,8 +86,12 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
     and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
     Unless `inplace`, the model is copied first and the copy is traced, scored and pruned: the caller's model is
     left untouched, and the one trace serves the selection, the reconstruction and the surgery.
+    device: where the copy (or, `inplace`, the model) is moved and pruned, and returned; None: where it is.
     """
     target = model if inplace else copy.deepcopy(model)
+    if device is not None:
+        device = resolve_device(device)
+        target.to(device)
     context = dict(example_input=example_input, min_units=min_units, n_samples=n_samples, seed=seed, device=device)
     plan, ctx = _select(target, data, method, budget, metric, context, options)
     _apply_with_repair(target, plan, ctx, data, reconstruct, recalibrate, recalibration_batches)

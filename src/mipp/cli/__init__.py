@@ -4,6 +4,7 @@
     train.py        `mipp train`, `mipp eval`
     prune.py        `mipp prune`, `mipp methods`, `mipp demo`
     experiments.py  `mipp sweep`, `mipp report`
+    export.py       `mipp export`
 
 Adding a subcommand: write ``add_<name>_parser(subparsers)`` in its family's module, calling
 :func:`mipp.cli.common.add_command` (which adds ``--json`` and registers the handler) and then its own arguments,
@@ -18,6 +19,7 @@ from typing import Callable, Optional, Sequence
 from mipp.version import __version__
 from mipp.cli.common import run_handler, setup_logging
 from mipp.cli.experiments import add_report_parser, add_sweep_parser
+from mipp.cli.export import add_export_parser
 from mipp.cli.prune import add_demo_parser, add_methods_parser, add_prune_parser
 from mipp.cli.train import add_eval_parser, add_train_parser
 
@@ -26,6 +28,7 @@ COMMANDS: list[Callable] = [
     add_train_parser,
     add_eval_parser,
     add_prune_parser,
+    add_export_parser,
     add_methods_parser,
     add_demo_parser,
     add_sweep_parser,

@@ -159,6 +159,8 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
                         help="target of the per-layer and fine-tuning figures (nearest one run; default 0.7)")
     parser.add_argument("--tie", type=float, default=0.002,
                         help="accuracy difference (fraction) within which win/loss counts a tie (default 0.002)")
+    parser.add_argument("--latency", default=None,
+                        help="add the latency table of a benchmarks/bench_latency.py result (its JSON --out)")
     return parser
 
 
@@ -170,8 +172,10 @@ def report_command(args: argparse.Namespace) -> dict:
                                  ("--tie", args.tie, 0.002)):
         if value != default:
             command += f" {flag} {value}"
+    if args.latency is not None:
+        command += f" --latency {args.latency}"
     return build_report(args.runs, args.out, reference=args.reference, layer_target=args.layer_target, tie=args.tie,
-                        command=command)
+                        command=command, latency=args.latency)
 
 
 def render_report(result: dict) -> str:

@@ -84,7 +84,7 @@ def prune_command(args: argparse.Namespace) -> dict:
     pruned, plan = prune(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
                          min_units=min_units, n_samples=args.samples, seed=args.seed, reconstruct=args.reconstruct,
                          recalibrate=args.recalibrate, recalibration_batches=args.recalibration_batches,
-                         **method_options)
+                         device=device, **method_options)
     before, after = evaluate(model, splits["test"], device=device), evaluate(pruned, splits["test"], device=device)
     result = {"method": args.method, "budget": args.budget, "metric": args.metric,
               "reconstruct": args.reconstruct, "recalibrate": args.recalibrate,

@@ -4,6 +4,7 @@
                        each baseline, and the figures; then selection cost, the planted network, skipped runs
     OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), winloss and
                        winloss_levels, cost, planted
+    (with --latency FILE, a table of measured latency, from benchmarks/bench_latency.py, and OUT/tables/latency.csv)
     OUT/figures/*.png  accuracy vs sparsity, layer collapse per 5% bin, per-layer kept fraction / network's kept
                        fraction, accuracy vs fine-tuning budget, selection cost
 
@@ -12,6 +13,7 @@ tables and the Markdown in tables.py, the figures in figures.py.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mipp.io import atomic_write_text
@@ -32,10 +34,30 @@ def load(dirs) -> tuple[list, list, list[tuple[str, dict]]]:
     return done, other, sweeps
 
 
+LATENCY_FORMAT = "mipp-latency/1"
+
+
+def load_latency(path) -> dict:
+    """The JSON result of benchmarks/bench_latency.py, checked for its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no latency result at {path}: run `python benchmarks/bench_latency.py --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}); rerun benchmarks/bench_latency.py") from exc
+    if not isinstance(data, dict) or data.get("format") != LATENCY_FORMAT:
+        raise ValueError(f"{path} is not a latency result ({LATENCY_FORMAT}); pass the --out of "
+                         "benchmarks/bench_latency.py")
+    return data
+
+
 def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.7, tie: float = 0.002,
-                 command: str | None = None) -> dict:
-    """Write OUT/results.md, OUT/tables/*.csv and OUT/figures/*.png from the stores in `dirs`."""
+                 command: str | None = None, latency=None) -> dict:
+    """Write OUT/results.md, OUT/tables/*.csv and OUT/figures/*.png from the stores in `dirs` (and, given
+    `latency`, the path of a benchmarks/bench_latency.py result, a latency section)."""
     out = Path(out)
+    latency_result = load_latency(latency) if latency is not None else None
     done, other, sweeps = load(dirs)
     if not done:
         raise ValueError(f"no finished runs in {', '.join(map(str, dirs))}: run `mipp sweep` first")
@@ -46,7 +68,8 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
     deformed = statistics.deformed_rows(summary, stages)
     csvs = {"runs": rows, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
-            "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed]}
+            "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed],
+            "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:
             tables.write_csv(out / "tables" / f"{name}.csv", table)
@@ -66,7 +89,10 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
                                                                   (model, data)], stages, mine))
     figures.plot_cost(cost, out / "figures" / "selection_cost.png")
     names.append("selection_cost.png")
-    md += [tables.cost_section(cost), tables.planted_section(planted), tables.deformed_section(deformed),
+    md.append(tables.cost_section(cost))
+    if latency_result:
+        md.append(tables.latency_section(latency_result, str(latency)))
+    md += [tables.planted_section(planted), tables.deformed_section(deformed),
            tables.skipped_section(other)]
     atomic_write_text(out / "results.md", "".join(md))
     return {"out": str(out), "report": str(out / "results.md"), "runs": len(done), "skipped_or_failed": len(other),

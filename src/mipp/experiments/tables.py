@@ -163,6 +163,21 @@ def cost_section(cost) -> str:
           f"{c['max_peak_rss_mb']:.1f}"] for c in cost]) + "\n![cost](figures/selection_cost.png)\n"
 
 
+def latency_section(latency: dict, source: str) -> str:
+    """Measured forward-pass latency of pruned models against the originals (benchmarks/bench_latency.py)."""
+    rows = [[r["model"], r["device"], r["batch"], target_name(r["target"]), pct(r["macs_removed"]),
+             f"{r['latency_ms_original']:.3g}", f"{r['latency_ms_pruned']:.3g}", f"{r['speedup']:.2f}x",
+             f"{r['macs_ratio']:.2f}x", f"{r['efficiency']:.2f}"] for r in latency["rows"]]
+    load = latency.get("load_average_before") or [math.nan]
+    return (f"\n## Latency\n\nFrom `{source}`: median forward-pass time of the original and of copies pruned by "
+            f"{latency['method']} to each MACs target (untrained weights), {latency['threads']} CPU thread(s), "
+            f"{latency['rounds']} interleaved rounds; load average {load[0]:.1f} on {latency.get('cpu_count')} "
+            "cores. Speed-up: median of original / pruned time per round; MACs ratio: original / pruned MACs; "
+            "efficiency: speed-up / MACs ratio.\n\n" + markdown(
+                ["model", "device", "batch", "target", "MACs removed (%)", "original ms", "pruned ms", "speed-up",
+                 "MACs ratio", "efficiency"], rows))
+
+
 def planted_section(planted) -> str:
     if not planted:
         return ""
