@@ -4,7 +4,8 @@ A call traces the model once (`find_units`): the unit graph it returns carries t
 order, the MACs and the reading points, and is handed to the cost model, the method (capture, criteria),
 reconstruction and surgery. After selection, by default, the readers of removed units are re-fitted to the original
 outputs (`mipp.reconstruct`, one more pass over the calibration data, before surgery) and batch-norm statistics are
-re-estimated on the pruned model (`mipp.recalibrate`), for every method alike.
+re-estimated on the pruned model (`mipp.recalibrate`), for every method alike. Surgery is checked in between, on a
+few calibration samples, before anything re-fits the pruned model (`mipp.surgery.apply_plan`, verify=True).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import torch
 import torch.nn as nn
 
-from mipp.activations import check_calibration_data
+from mipp.activations import calibration_batches, check_calibration_data
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
 from mipp.plan import Plan
@@ -22,6 +23,8 @@ from mipp.recalibrate import RECALIBRATION_BATCHES, recalibrate_batch_norm
 from mipp.reconstruct import reconstruction_statistics, refit_readers
 from mipp.surgery import apply_plan
 from mipp.units import example_input_for, find_units
+
+VERIFY_SAMPLES = 8  # calibration samples the surgery is checked on (real inputs exercise more weights than zeros)
 
 
 def make_context(model: nn.Module, data, *, example_input=None, min_units=1, n_samples=2000, seed=0,
@@ -63,7 +66,7 @@ def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, me
 def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units", min_units=1,
           n_samples: int = 2000, seed: int = 0, example_input=None, inplace: bool = False, device=None,
           reconstruct: bool = True, recalibrate: bool = True, recalibration_batches: int = RECALIBRATION_BATCHES,
-          **options) -> tuple[nn.Module, Plan]:
+          verify: bool = True, **options) -> tuple[nn.Module, Plan]:
     """Prune `model` with `method` on calibration `data`; returns (smaller model, Plan).
 
     budget None (MIPP only): confidence mode, the sparsity follows from `confidence` (default 0.95).
@@ -73,25 +76,31 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
     that it reproduces the original reader's output from the kept units. recalibrate: re-estimate batch-norm
     statistics on `recalibration_batches` batches of 128 calibration samples. Both are recorded in `plan.settings`,
     and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
+    verify: check the surgery, before reconstruction and recalibration change the model, on the first
+    `VERIFY_SAMPLES` calibration samples: the physically pruned model must compute what the original computes with
+    the removed units zeroed (one forward pass through each); raises `mipp.SurgeryError` otherwise.
     Unless `inplace`, the model is copied first and the copy is traced, scored and pruned: the caller's model is
     left untouched, and the one trace serves the selection, the reconstruction and the surgery.
     """
     target = model if inplace else copy.deepcopy(model)
     context = dict(example_input=example_input, min_units=min_units, n_samples=n_samples, seed=seed, device=device)
     plan, ctx = _select(target, data, method, budget, metric, context, options)
-    _apply_with_repair(target, plan, ctx, data, reconstruct, recalibrate, recalibration_batches)
+    _apply_with_repair(target, plan, ctx, data, reconstruct, recalibrate, recalibration_batches, verify)
     return target, plan
 
 
 def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, reconstruct: bool, recalibrate: bool,
-                       recalibration_batches: int) -> None:
+                       recalibration_batches: int, verify: bool = True) -> None:
     """Surgery, with the readers' statistics gathered on the unpruned model before it and their re-fit and the
     batch-norm recalibration after it; records settings and what was done in the plan."""
     started = time.perf_counter()
     statistics = (reconstruction_statistics(target, plan, data, units=ctx.units, n_samples=ctx.n_samples,
                                             seed=ctx.seed, device=ctx.device) if reconstruct else {})
     statistics_seconds = time.perf_counter() - started
-    apply_plan(target, plan, units=ctx.units)
+    started = time.perf_counter()
+    check_batch = next(iter(calibration_batches(data, VERIFY_SAMPLES, seed=ctx.seed))) if verify else None
+    apply_plan(target, plan, check_batch, units=ctx.units, verify=verify)
+    surgery_seconds = time.perf_counter() - started
     started = time.perf_counter()
     refitted = refit_readers(target, statistics)
     reconstruction_seconds = statistics_seconds + time.perf_counter() - started
@@ -99,6 +108,7 @@ def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, r
     batches = recalibrate_batch_norm(target, data, n_batches=recalibration_batches, seed=ctx.seed,
                                      device=ctx.device) if recalibrate else 0
     plan.settings.update(reconstruct=reconstruct, recalibrate=recalibrate,
-                         recalibration_batches=recalibration_batches)
-    plan.stats.update(readers_refitted=len(refitted), reconstruction_seconds=reconstruction_seconds,
-                      recalibration_batches_used=batches, recalibration_seconds=time.perf_counter() - started)
+                         recalibration_batches=recalibration_batches, verify=verify)
+    plan.stats.update(surgery_seconds=surgery_seconds, readers_refitted=len(refitted),
+                      reconstruction_seconds=reconstruction_seconds, recalibration_batches_used=batches,
+                      recalibration_seconds=time.perf_counter() - started)
