@@ -173,3 +173,88 @@ def test_relative_difference_handles_shapes_and_non_finite_values():
     assert relative_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == float("inf")
     assert relative_difference(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 0.0])) == float("inf")
     assert relative_difference(torch.tensor([1.0, 4.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.5)
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def head(channels: int) -> list[nn.Module]:
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 3)]
+
+
+class Concatenation(nn.Module):
+    """Two branches concatenated along channels, then read by one conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Sequential(*conv_bn_relu(3, 8)), nn.Sequential(*conv_bn_relu(3, 6))
+        self.c, self.head = nn.Sequential(*conv_bn_relu(14, 10)), nn.Sequential(*head(10))
+
+    def forward(self, x):
+        return self.head(self.c(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+class SqueezeExcite(nn.Module):
+    """Channels scaled by a gate computed from their own means."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc1, self.fc2 = nn.Sequential(*conv_bn_relu(3, 12)), nn.Linear(12, 4), nn.Linear(4, 12)
+        self.c, self.head = nn.Sequential(*conv_bn_relu(12, 8)), nn.Sequential(*head(8))
+
+    def forward(self, x):
+        y = self.a(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
+        return self.head(self.c(y * gate[:, :, None, None]))
+
+
+LAYER_ZOO = {
+    "depthwise": lambda: nn.Sequential(*conv_bn_relu(3, 16), *conv_bn_relu(16, 16, 3, 16), *conv_bn_relu(16, 24, 1),
+                                       *head(24)),
+    "concatenation": Concatenation,
+    "squeeze-excite": SqueezeExcite,
+    "prelu": lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.PReLU(12), nn.Conv2d(12, 8, 3, padding=1),
+                                   nn.ReLU(), *head(8)),
+    "conv1d": lambda: nn.Sequential(nn.Conv1d(3, 12, 5, padding=2), nn.BatchNorm1d(12), nn.ReLU(),
+                                    nn.Conv1d(12, 10, 3), nn.BatchNorm1d(10), nn.ReLU(), nn.Flatten(),
+                                    nn.Linear(140, 4)),
+}
+
+
+def random_layers(build, shape, seed=0):
+    torch.manual_seed(seed)
+    model = build()
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.5)
+    model = shifted_batch_norms(model, seed).eval()
+    x = torch.randn(*shape)
+    units = find_units(model, x)
+    return model, x, units, random_plan(units, x, keep=0.5)
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_ZOO))
+def test_surgery_is_exact_on_depthwise_concatenated_gated_prelu_and_1d_layers(name):
+    shape = (4, 3, 16) if name == "conv1d" else (4, 3, 16, 16)
+    model, x, units, plan = random_layers(LAYER_ZOO[name], shape)
+    masked = surgery.mask_model(copy.deepcopy(model), plan, units)
+    pruned = apply_plan(model, plan, x, units=units)  # checked inside
+    with torch.no_grad():
+        assert relative_difference(pruned(x), masked(x)) < 1e-5  # mask_model's weight masking agrees
+
+
+def test_a_grouped_convolution_reader_is_refused_before_the_model_changes():
+    model, x, units, plan = random_layers(
+        lambda: nn.Sequential(*conv_bn_relu(3, 16), *conv_bn_relu(16, 32, 3, 4), *head(32)), (4, 3, 16, 16))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"grouped convolution '3' \(groups=4\).*keep every unit of '0'"):
+        apply_plan(model, plan, x, units=units)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_norm_across_channels_makes_removal_differ_from_zeroing_and_is_named():
+    model, x, units, plan = random_layers(
+        lambda: nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                              nn.Linear(12, 3)), (4, 10))
+    with pytest.raises(SurgeryError, match=r"starts at layer '1'.*normalises across channels"):
+        apply_plan(model, plan, x, units=units)

@@ -9,6 +9,11 @@ norm's shift makes it nonzero). `apply_plan` checks this by default: one forward
 the original with the reading points masked (before the removal) and one through the pruned model (after), and
 raises `SurgeryError` rather than return a model that computes something else. `mask_model` is the same masking
 done on the weights (the readers' input columns), for tests and for comparing methods on the unpruned model.
+
+Where removal and zeroing legitimately differ, the check fails too, on purpose: a norm across channels (LayerNorm,
+GroupNorm) after a pruned layer normalises the kept channels by statistics that included the removed ones, so
+every decision made on the unpruned model no longer holds; the error names that layer. Input channels of a grouped
+convolution (1 < groups < channels) cannot be removed at will and are refused before the model is touched.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None 
         units = find_units(model, plan_input(model, plan, example_input))
     check_plan_matches(plan, units)
     check_trace_is_current(model, units)
+    check_plan_supported(model, plan, units)
     removes_any = any(plan.removed(key) for key in plan.kept)
     reference = None
     if verify and removes_any:
@@ -69,7 +75,26 @@ def remove_units(model: nn.Module, plan: Plan, units: UnitGraph) -> None:
             continue
         root = model.get_submodule(key)
         prune_out = graph.get_pruner_of_module(root).prune_out_channels
-        graph.get_pruning_group(root, prune_out, removed).prune()
+        try:
+            graph.get_pruning_group(root, prune_out, removed).prune()
+        except (RuntimeError, IndexError, ValueError) as err:
+            raise SurgeryError(f"torch-pruning failed to remove units {removed[:8]}{'...' * (len(removed) > 8)} "
+                               f"of group {key!r} ({str(err).splitlines()[0]}). {_REPORT}") from err
+
+
+def check_plan_supported(model: nn.Module, plan: Plan, units: UnitGraph) -> None:
+    """Refuse, before the model is touched, removals surgery cannot make: input channels of a grouped convolution
+    (1 < groups < channels) must leave every group of it the same width, which arbitrary removals do not."""
+    for key in plan.kept:
+        if not plan.removed(key):
+            continue
+        for coupling in units[key].coupled("in"):
+            module = model.get_submodule(coupling.module_name)
+            if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.in_channels:
+                raise ValueError(
+                    f"group {key!r} is read by the grouped convolution {coupling.module_name!r} (groups="
+                    f"{module.groups}): removing some of its input channels would leave its groups unequal, which "
+                    f"no convolution can hold; keep every unit of {key!r} (or replace the grouped convolution)")
 
 
 def check_trace_is_current(model: nn.Module, units: UnitGraph) -> None:
@@ -97,6 +122,8 @@ def mask_model(model: nn.Module, plan: Plan, units: UnitGraph | None = None,
                 continue
             for coupling in units[key].coupled("in"):
                 module = model.get_submodule(coupling.module_name)
+                if coupling.module_name not in units[key].readers:
+                    continue  # a per-channel module (its input channel is its output channel): read further on
                 columns = coupling.index[torch.isin(coupling.unit, removed)]
                 module.weight[:, columns] = 0
     return model
@@ -133,10 +160,14 @@ def verification_input(model: nn.Module, units: UnitGraph, example_input: torch.
     return torch.randn(units.example_shape, generator=generator).to(device=device, dtype=dtype)
 
 
+ACROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+LAST_DIM_MODULES = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
+
+
 def channel_dim(module: nn.Module) -> int:
-    """The dimension that holds a module's channels (conv and norm layers: 1; Linear and the like: the last)."""
-    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
-    return 1 if isinstance(module, (nn.modules.conv._ConvNd, *norms)) else -1
+    """The dimension that holds a module's channels: the last for Linear and the like, else 1 (conv, norms,
+    PReLU: (N, C, ...))."""
+    return -1 if isinstance(module, LAST_DIM_MODULES) else 1
 
 
 class MaskedReference:
@@ -151,12 +182,15 @@ class MaskedReference:
         self.layers: dict[str, torch.Tensor] = {}  # in forward order
         self.kept_channels: dict[str, torch.Tensor] = {}  # layer -> its channels that survive the removal
         self.removed_channels, self.masked_inputs = _removed_channels(plan, units)
+        self.across_channels: set[str] = set()  # layers that normalise across channels
 
     @classmethod
     def record(cls, model: nn.Module, plan: Plan, units: UnitGraph, batch: torch.Tensor,
                tolerance: float | None = None) -> "MaskedReference":
         """Run the unpruned `model` on `batch` with the plan's removed units zeroed at their reading points."""
         reference = cls(plan, units, batch, tolerance if tolerance is not None else _tolerance(model))
+        reference.across_channels = {name for name, module in model.named_modules()
+                                     if isinstance(module, ACROSS_CHANNEL_NORMS)}
         handles = []
         for name, columns in reference.masked_inputs.items():
             module = model.get_submodule(name)
@@ -215,6 +249,12 @@ class MaskedReference:
             largest = max(failing, key=lambda name: per_layer[name])
             text += (f" The difference starts at layer {self._describe(failing[0], per_layer)}; it is largest at "
                      f"{self._describe(largest, per_layer)}.")
+            if failing[0] in self.across_channels:
+                return (f"{text} That layer normalises across channels: removing some changes the statistics of "
+                        "the others, so removal is not zeroing and MIPP's and the baselines' choices (made on the "
+                        "unpruned model) do not hold. Keep every unit of its group, or skip the check with "
+                        "verify=False if the change is wanted. The model was changed in place and must be "
+                        "discarded.")
         return f"{text} {_REPORT}"
 
     def _describe(self, name: str, per_layer: dict[str, float]) -> str:
@@ -252,17 +292,19 @@ def _tolerance(model: nn.Module) -> float:
 
 
 def _removed_channels(plan: Plan, units: UnitGraph) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per module, the output channels the removal takes away (producers and norms) and the input channels that
-    carry removed units (readers: where the masked original zeroes them)."""
+    """Per module, the output channels the removal takes away (producers, norms and other per-channel modules) and
+    the input channels that carry removed units (the readers: where the masked original zeroes them)."""
     outputs: dict[str, list[torch.Tensor]] = {}
     inputs: dict[str, list[torch.Tensor]] = {}
     for key in plan.kept:
         removed = torch.tensor(plan.removed(key), dtype=torch.long)
         if removed.numel() == 0:
             continue
-        for coupling in units[key].couplings:
+        group = units[key]
+        for coupling in group.couplings:
             channels = coupling.index[torch.isin(coupling.unit, removed)]
-            (outputs if coupling.kind == "out" else inputs).setdefault(coupling.module_name, []).append(channels)
+            reads = coupling.kind == "in" and coupling.module_name in group.readers
+            (inputs if reads else outputs).setdefault(coupling.module_name, []).append(channels)
     merge = lambda parts: torch.unique(torch.cat(parts))  # noqa: E731
     return {k: merge(v) for k, v in outputs.items()}, {k: merge(v) for k, v in inputs.items()}
 
