@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -51,8 +52,51 @@ def _select(model: nn.Module, data, method: str, budget, metric: str, context_op
         raise ValueError(f"method {method!r} needs a budget: pass budget=0.5 (and metric='units'|'params'|'macs')")
     torch.manual_seed(context_options["seed"])
     ctx = make_context(model, data, **context_options)
-    check_calibration_data(data, ctx.example_input, ctx.n_samples, ctx.seed)
-    return info.select(ctx, budget, **options), ctx
+    check_calibration_data(data, ctx.example_input, ctx.n_samples, ctx.seed,
+                           expected_from=_shape_source(model, context_options["example_input"]))
+    check_finite_model(model)
+    plan = info.select(ctx, budget, **options)
+    check_plan_scores(plan)
+    return plan, ctx
+
+
+def _shape_source(model: nn.Module, example_input) -> str:
+    """Where the input shape the data is checked against comes from, for error messages."""
+    config = getattr(model, "mipp_config", None)
+    if example_input is None and config:
+        return f"its mipp_config: in_channels={config.get('in_channels')}, input_size={config.get('input_size')}"
+    return "the shape of its example input"
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite parameters or buffers: every method would score garbage."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"the model's {name!r} contains NaN or infinite values: the checkpoint is corrupt or "
+                             "its training diverged; load a good checkpoint")
+
+
+def check_plan_scores(plan: Plan) -> None:
+    """A NaN score makes the ranking arbitrary: refuse the plan and name where it came from. Scores all equal (e.g.
+    all zero: constant activations, zero gradients) make it arbitrary too: a warning."""
+    scores = []
+    for key, decisions in plan.decisions.items():
+        for decision in decisions:
+            for field in ("score", "mi"):
+                value = getattr(decision, field)
+                if isinstance(value, float) and value != value:
+                    raise ValueError(
+                        f"method {plan.method!r} scored unit {decision.unit} of group {key!r} NaN: the calibration "
+                        "data (beyond the samples checked up front) or the model's computation produce NaN or "
+                        "infinite values (e.g. an overflow); clean the data, or check the model on it")
+            if isinstance(decision.score, (int, float)):
+                scores.append(float(decision.score))
+    if len(scores) > 1 and len(set(scores)) == 1:
+        warnings.warn(
+            f"method {plan.method!r} gave all {len(scores)} units the same score ({scores[0]:g}), so which units it "
+            "removed is arbitrary: its criterion cannot tell them apart on this model and data (weights still at "
+            "their initial values, dead layers, activations or gradients that do not vary); choose a criterion "
+            "that fits the model's state, or check the model and data", stacklevel=3)
 
 
 def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units",
