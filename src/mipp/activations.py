@@ -154,7 +154,7 @@ def check_calibration_data(data, example_input: torch.Tensor, n_samples: int, se
         warnings.warn(
             f"{copies} of {n_checked} calibration inputs are exact copies of others ({n_distinct} distinct): copies "
             f"add no information, and MIPP keeps at most {n_distinct - 1} units per layer; pass distinct samples",
-            stacklevel=3)
+            stacklevel=4)
     return CalibrationSummary(n_checked, n_distinct, complete)
 
 

@@ -96,7 +96,7 @@ def check_plan_scores(plan: Plan) -> None:
             f"method {plan.method!r} gave all {len(scores)} units the same score ({scores[0]:g}), so which units it "
             "removed is arbitrary: its criterion cannot tell them apart on this model and data (weights still at "
             "their initial values, dead layers, activations or gradients that do not vary); choose a criterion "
-            "that fits the model's state, or check the model and data", stacklevel=3)
+            "that fits the model's state, or check the model and data", stacklevel=4)
 
 
 def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units",

@@ -175,22 +175,20 @@ class MaskedReference:
     first sample, restricted to the channels the plan keeps (kept only to name the layer where a difference
     starts when there is one)."""
 
-    def __init__(self, plan: Plan, units: UnitGraph, batch: torch.Tensor, tolerance: float):
+    def __init__(self, model: nn.Module, plan: Plan, units: UnitGraph, batch: torch.Tensor, tolerance: float):
         self.batch, self.tolerance = batch, tolerance
         self.roles = _roles(units)
         self.output: list[torch.Tensor] = []
         self.layers: dict[str, torch.Tensor] = {}  # in forward order
-        self.kept_channels: dict[str, torch.Tensor] = {}  # layer -> its channels that survive the removal
         self.removed_channels, self.masked_inputs = _removed_channels(plan, units)
-        self.across_channels: set[str] = set()  # layers that normalise across channels
+        self.across_channels = {name for name, module in model.named_modules()  # norms across channels
+                                if isinstance(module, ACROSS_CHANNEL_NORMS)}
 
     @classmethod
     def record(cls, model: nn.Module, plan: Plan, units: UnitGraph, batch: torch.Tensor,
                tolerance: float | None = None) -> "MaskedReference":
         """Run the unpruned `model` on `batch` with the plan's removed units zeroed at their reading points."""
-        reference = cls(plan, units, batch, tolerance if tolerance is not None else _tolerance(model))
-        reference.across_channels = {name for name, module in model.named_modules()
-                                     if isinstance(module, ACROSS_CHANNEL_NORMS)}
+        reference = cls(model, plan, units, batch, tolerance if tolerance is not None else _tolerance(model))
         handles = []
         for name, columns in reference.masked_inputs.items():
             module = model.get_submodule(name)
@@ -214,8 +212,7 @@ class MaskedReference:
         dim = channel_dim(module) % first.dim()
         kept = torch.ones(first.shape[dim], dtype=torch.bool)
         kept[removed] = False
-        self.kept_channels[name] = kept.nonzero().flatten()
-        return first.index_select(dim, self.kept_channels[name].to(first.device))
+        return first.index_select(dim, kept.nonzero().flatten().to(first.device))
 
     def check(self, pruned: nn.Module) -> float:
         """Run the pruned model on the same batch and compare; returns the output's relative difference, raises
