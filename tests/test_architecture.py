@@ -8,6 +8,7 @@ import torch_pruning as tp
 from torch import nn
 
 import mipp
+from mipp.api import VERIFY_SAMPLES
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -104,9 +105,11 @@ class CountingMLP(nn.Sequential):
 # A prune call's forward passes, in order: the trace (the example batch, once); the method's own passes over the
 # calibration data (MIPP's capture: the 300 samples in batches of 256; the other methods here run none on this
 # model); reconstruction's one pass over the same 300 samples through the unpruned model, gathering the re-fitted
-# readers' statistics (only when the plan removes something); then batch-norm recalibration's batches of 128 (none
-# for a model without batch norm).
+# readers' statistics (only when the plan removes something); the surgery check's one pass of VERIFY_SAMPLES
+# calibration samples through the masked original and one through the pruned model (same condition); then
+# batch-norm recalibration's batches of 128 (none for a model without batch norm).
 CALIBRATION_PASS = [256, 44]
+SURGERY_CHECK = [VERIFY_SAMPLES, VERIFY_SAMPLES]
 SELECTION_PASSES = {"mipp": CALIBRATION_PASS}
 
 
@@ -129,8 +132,9 @@ def test_one_prune_call_traces_the_model_once(monkeypatch, method, budget):
     pruned, plan = mipp.prune(model, labelled, method=method, budget=budget, example_input=example, n_samples=300)
     assert model.calls == [], "the caller's model is copied, never run"
     assert len(builds) == 1, "one dependency graph per prune call, shared by costs, capture, reconstruction, surgery"
-    reconstruction = CALIBRATION_PASS if plan.units_kept < plan.units_total else []
-    assert pruned.calls == [len(example)] + SELECTION_PASSES.get(method, []) + reconstruction
+    removes = plan.units_kept < plan.units_total
+    after_selection = CALIBRATION_PASS + SURGERY_CHECK if removes else []
+    assert pruned.calls == [len(example)] + SELECTION_PASSES.get(method, []) + after_selection
     assert pruned[1].out_features == len(plan.kept["1"]) and pruned(example).shape == (2, 3)
 
 
@@ -140,5 +144,6 @@ def test_recalibration_adds_its_own_batches_and_nothing_else():
     data = torch.randn(300, 12)
     pruned, plan = mipp.prune(model, data, method="random", budget=0.3, example_input=data[:2], n_samples=300,
                               recalibration_batches=2)
-    assert pruned.calls == [2] + CALIBRATION_PASS + [128, 128], "trace, reconstruction, 2 recalibration batches"
+    assert pruned.calls == [2] + CALIBRATION_PASS + SURGERY_CHECK + [128, 128], \
+        "trace, reconstruction, surgery check, 2 recalibration batches"
     assert plan.stats["recalibration_batches_used"] == 2 and not pruned.training

@@ -144,7 +144,9 @@ def test_reconstruction_reuses_the_selection_moments():
     finally:
         handle.remove()
     assert plan.stats["readers_refitted"] >= 1
-    assert len(calls) == 2  # the copy's trace and the capture; nothing for the re-fit (hooks copy with the model)
+    # the copy's trace, the capture, the surgery check (masked original, pruned); no pass for the re-fit (the hooks
+    # are copied with the model); features="mean" takes one more (its reconstruction pass)
+    assert len(calls) == 4
 
 
 def mipp_prune(*args, **kwargs):

@@ -9,9 +9,9 @@ from mipp.methods import Budget, get_method, method_names
 from mipp.plan import Plan
 from mipp.recalibrate import recalibrate_batch_norm
 from mipp.reconstruct import reconstruction_statistics, refit_readers
-from mipp.surgery import apply_plan
+from mipp.surgery import SurgeryError, apply_plan
 from mipp.units import find_units
 
-__all__ = ["Budget", "Plan", "apply_plan", "export_onnx", "export_torchscript", "find_units", "get_method",
-           "method_names", "prune", "recalibrate_batch_norm", "reconstruction_statistics", "refit_readers",
-           "select_plan", "__version__"]
+__all__ = ["Budget", "Plan", "SurgeryError", "apply_plan", "export_onnx", "export_torchscript", "find_units",
+           "get_method", "method_names", "prune", "recalibrate_batch_norm", "reconstruction_statistics",
+           "refit_readers", "select_plan", "__version__"]

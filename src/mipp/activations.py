@@ -8,7 +8,7 @@ block), the unit's features from each point are concatenated: removing the unit 
 from __future__ import annotations
 
 import math
-
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +33,30 @@ class Activations:
 
 
 def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int = 0):
-    """Yield input batches totalling at most n_samples from a tensor, a (inputs, labels) pair, a Dataset or a loader."""
+    """Yield input batches totalling at most n_samples from a tensor, a (inputs, labels) pair, a Dataset or a loader.
+
+    Every batch is checked on the way (`check_batch`): finite values, and the per-sample shape of the first batch, so
+    that a NaN or a stray shape deep in a streamed data set stops every user (capture, reconstruction, batch-norm
+    recalibration, ThiNet) with the sample it is in rather than pruning on garbage or failing inside a layer."""
+    shape = None
+    for batch, where in _raw_batches(data, n_samples, batch_size, seed):
+        shape = check_batch(batch, where, shape)
+        yield batch
+
+
+def _raw_batches(data, n_samples: int, batch_size: int, seed: int):
+    """(batch, where) pairs; `where(i)` names the i-th sample of the batch for error messages."""
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         data = data[0]
     if isinstance(data, torch.Tensor):
         for start in range(0, min(n_samples, len(data)), batch_size):
-            yield data[start:min(start + batch_size, n_samples)]
+            yield data[start:min(start + batch_size, n_samples)], lambda i, s=start: f"input {s + i}"
         return
     if isinstance(data, torch.utils.data.DataLoader):
         taken = 0
-        for batch in data:
+        for number, batch in enumerate(data):
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            yield inputs[: n_samples - taken]
+            yield inputs[: n_samples - taken], lambda i, b=number: f"sample {i} of the loader's batch {b}"
             taken += len(inputs)
             if taken >= n_samples:
                 return
@@ -55,10 +67,11 @@ def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int =
         order = torch.randperm(len(data), generator=generator)[:n_samples]
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            where = lambda i, idx=idx: f"item {int(idx[i])} of the data set"  # noqa: E731
             if images is not None:
-                yield images[idx]
+                yield images[idx], where
             else:
-                yield torch.stack([data[int(i)][0] for i in idx])
+                yield torch.stack([data[int(i)][0] for i in idx]), where
         return
     raise TypeError(
         f"calibration data of type {type(data).__name__} is not supported: pass a tensor of inputs, an "
@@ -66,25 +79,106 @@ def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int =
     )
 
 
-def check_calibration_data(data, example_input: torch.Tensor, n_samples: int, seed: int = 0) -> None:
-    """Refuse calibration data that would prune blind, with the cause and the fix: inputs of another shape than the
-    model takes, NaN or infinite values, or inputs that are all the same (e.g. all zeros), which leave every unit
-    constant and would cut every layer to its minimum width. Reads the first batch only."""
-    batch = next(iter(calibration_batches(data, min(n_samples, 256), seed=seed)), None)
-    if batch is None or len(batch) == 0:
-        raise ValueError("the calibration data is empty: pass at least a few hundred samples")
+def check_batch(batch: torch.Tensor, where, shape: tuple | None = None) -> tuple:
+    """Refuse a batch with NaN or infinite values, or whose samples differ in shape from `shape` (the first batch's);
+    returns the per-sample shape. `where(i)` names sample i of the batch."""
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"calibration inputs must be tensors, got {type(batch).__name__}: convert them, e.g. with "
+                        "torch.as_tensor, or use a Dataset whose items are (tensor, label)")
+    if shape is not None and tuple(batch.shape[1:]) != shape:
+        raise ValueError(f"calibration inputs change shape: {where(0)} has shape {tuple(batch.shape[1:])} but the "
+                         f"first ones {shape}; resize or crop every input to the shape the model takes")
+    if batch.is_floating_point() or batch.is_complex():
+        finite = torch.isfinite(batch.reshape(len(batch), -1)).all(1) if len(batch) else torch.ones(0, dtype=bool)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten()
+            more = f", and {len(bad) - 1} more in its batch" if len(bad) > 1 else ""
+            raise ValueError(f"the calibration inputs contain NaN or infinite values ({where(int(bad[0]))}{more}): "
+                             "clean or impute them first")
+    return tuple(batch.shape[1:])
+
+
+MIN_DISTINCT_SAMPLES = 20  # fewer distinct samples hidden among copies: refused (the Gaussian estimator's minimum)
+DUPLICATE_SHARE_WARNING = 0.1  # a larger share of copies among the calibration samples: a warning
+STREAMED_CHECK = 256  # samples checked up front when the data is streamed (a Dataset read item by item, a loader)
+
+
+@dataclass
+class CalibrationSummary:
+    """What `check_calibration_data` saw: how many samples it read and how many of them are distinct."""
+
+    n_checked: int
+    n_distinct: int
+    complete: bool  # True when it read every sample a method will use (in-memory data), not the first batch only
+
+
+def check_calibration_data(data, example_input: torch.Tensor, n_samples: int, seed: int = 0,
+                           expected_from: str = "the shape of its example input") -> CalibrationSummary:
+    """Refuse calibration data that would prune blind, with the cause and the fix; every method's data goes through it.
+
+    Errors: no samples; inputs of another shape or dtype than the model takes (`expected_from` says where that shape
+    comes from); NaN or infinite values; inputs that are all the same (e.g. all zeros), which leave every unit
+    constant and would cut every layer to its minimum width; fewer than MIN_DISTINCT_SAMPLES distinct inputs hidden
+    among copies. Warning: more than DUPLICATE_SHARE_WARNING of the samples are copies of others (activation and MI
+    methods learn nothing from a copy, and MIPP keeps at most one unit fewer per layer than there are distinct
+    samples). In-memory data (a tensor, a pair, a Dataset with an `images` tensor) is checked in full, up to
+    n_samples; streamed data (other Datasets, loaders) in its first STREAMED_CHECK samples, and the rest batch by
+    batch as methods read it (`calibration_batches`)."""
+    complete = _in_memory(data)
+    limit = n_samples if complete else min(n_samples, STREAMED_CHECK)
     expected = tuple(example_input.shape[1:])
-    if tuple(batch.shape[1:]) != expected:
-        raise ValueError(
-            f"calibration inputs have shape {tuple(batch.shape[1:])} per sample but the model takes {expected} "
-            "(the shape of its example input): pass inputs of that shape, or the example_input your data matches"
-        )
-    if not torch.isfinite(batch).all():
-        raise ValueError("the calibration inputs contain NaN or infinite values: clean or impute them first")
-    if len(batch) > 1 and bool((batch == batch[:1]).all()):
+    seen, n_checked, shape = set(), 0, None
+    for batch, where in _raw_batches(data, limit, 256, seed):
+        if shape is None:
+            _check_shape_and_dtype(batch, example_input, expected, expected_from)
+        shape = check_batch(batch, where, shape)
+        rows = batch.detach().cpu().reshape(len(batch), -1).contiguous().view(torch.uint8)
+        seen.update(row.numpy().tobytes() for row in rows)
+        n_checked += len(batch)
+    if n_checked == 0:
+        raise ValueError("the calibration data is empty: pass at least a few hundred samples")
+    n_distinct = len(seen)
+    if n_checked > 1 and n_distinct == 1:
         raise ValueError(
             "every calibration input is the same (e.g. all zeros): the units would show no variation and every "
             "layer would be cut to its minimum; pass real samples of the data the model is used on"
+        )
+    copies = n_checked - n_distinct
+    if copies and n_distinct < MIN_DISTINCT_SAMPLES:
+        raise ValueError(
+            f"only {n_distinct} distinct calibration inputs among {n_checked}: the rest are exact copies (a loader "
+            f"that repeats one batch? padding?), so the units vary over {n_distinct} points only and MIPP would "
+            f"keep at most {n_distinct - 1} units per layer; pass at least {MIN_DISTINCT_SAMPLES} (better, a few "
+            "hundred) distinct samples")
+    if copies > DUPLICATE_SHARE_WARNING * n_checked:
+        warnings.warn(
+            f"{copies} of {n_checked} calibration inputs are exact copies of others ({n_distinct} distinct): copies "
+            f"add no information, and MIPP keeps at most {n_distinct - 1} units per layer; pass distinct samples",
+            stacklevel=4)
+    return CalibrationSummary(n_checked, n_distinct, complete)
+
+
+def _in_memory(data) -> bool:
+    if isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and data
+                                          and isinstance(data[0], torch.Tensor)):
+        return True
+    return isinstance(data, torch.utils.data.Dataset) and isinstance(getattr(data, "images", None), torch.Tensor)
+
+
+def _check_shape_and_dtype(batch, example_input: torch.Tensor, expected: tuple, expected_from: str) -> None:
+    if not isinstance(batch, torch.Tensor):
+        return  # check_batch names it
+    if tuple(batch.shape[1:]) != expected:
+        raise ValueError(
+            f"calibration inputs have shape {tuple(batch.shape[1:])} per sample but the model takes {expected} "
+            f"({expected_from}): pass inputs of that shape, or the example_input your data matches"
+        )
+    floating = batch.is_floating_point(), example_input.is_floating_point()
+    if floating != (False, False) and batch.dtype != example_input.dtype:
+        raise ValueError(
+            f"calibration inputs are {str(batch.dtype).replace('torch.', '')} but the model takes "
+            f"{str(example_input.dtype).replace('torch.', '')} (the dtype of its example input): convert them, "
+            f"e.g. x.to({example_input.dtype}) (and scale 8-bit images to the range the model was trained on)"
         )
 
 
@@ -158,7 +252,7 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
         n_batches = 0
         for batch in calibration_batches(data, n_samples, batch_size, seed):
             with torch.no_grad():
-                model(batch.to(device))
+                run_on_batch(model, batch.to(device), units.example_shape)
             n_batches += 1
     finally:
         for h in handles:
@@ -172,7 +266,23 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
         {name: torch.cat(v, 0) for name, v in outputs.items()},
     )
     _check_finite(acts)
+    _check_variation(acts)
     return acts
+
+
+def run_on_batch(model: nn.Module, batch: torch.Tensor, example_shape: tuple | None = None):
+    """model(batch), with a RuntimeError from inside the model (a shape or dtype the layers cannot take) re-raised
+    as a ValueError that names the batch's shape and dtype next to the example input's the model was traced with."""
+    try:
+        return model(batch)
+    except RuntimeError as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err):
+            raise
+        traced = f"; it was traced with an example input of shape {tuple(example_shape)}" if example_shape else ""
+        raise ValueError(
+            f"the model fails on a calibration batch of shape {tuple(batch.shape)}, dtype "
+            f"{str(batch.dtype).replace('torch.', '')} ({str(err).splitlines()[0]}){traced}: pass inputs of the "
+            "shape and dtype the model takes (the example input's, per sample)") from err
 
 
 def _register(model, units, points, pool, collected, outputs):
@@ -197,6 +307,26 @@ def _register(model, units, points, pool, collected, outputs):
 def _by_batch(parts: list[torch.Tensor], per_batch: int):
     """Hooks append one tensor per reading point per batch; regroup them batch by batch."""
     return [parts[i:i + per_batch] for i in range(0, len(parts), per_batch)]
+
+
+def _check_variation(acts: Activations) -> None:
+    """The network's outputs must vary over the calibration samples (else there is no information to preserve and
+    every layer would go to its minimum width): an error. A group whose every unit is constant carries nothing and
+    goes to its minimum width: a warning naming it, as that is usually a dead layer or data that never reaches it."""
+    if acts.n_samples < 2:
+        return
+    constant = lambda x: bool((x.amax(0) == x.amin(0)).all())  # noqa: E731
+    if acts.outputs and all(constant(v) for v in acts.outputs.values()):
+        raise ValueError(
+            f"the model's output is the same for all {acts.n_samples} calibration samples: there is no information "
+            "to preserve and every layer would be cut to its minimum; check the weights (an untrained or diverged "
+            "checkpoint, dead ReLUs) and that the data reaches the model as it was trained (normalisation)")
+    dead = [key for key, v in acts.units.items() if constant(v)]
+    if dead:
+        warnings.warn(
+            f"every unit of {', '.join(repr(k) for k in dead)} is constant over the {acts.n_samples} calibration "
+            "samples (dead ReLUs, or inputs that do not vary where this layer looks): MIPP cuts such a layer to its "
+            "minimum width; check the weights and data if that is unexpected", stacklevel=3)
 
 
 def _check_finite(acts: Activations) -> None:

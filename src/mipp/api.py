@@ -4,7 +4,8 @@ A call traces the model once (`find_units`): the unit graph it returns carries t
 order, the MACs and the reading points, and is handed to the cost model, the method (capture, criteria),
 reconstruction and surgery. After selection, by default, the readers of removed units are re-fitted to the original
 outputs (`mipp.reconstruct`, one more pass over the calibration data, before surgery) and batch-norm statistics are
-re-estimated on the pruned model (`mipp.recalibrate`), for every method alike.
+re-estimated on the pruned model (`mipp.recalibrate`), for every method alike. Surgery is checked in between,
+on a few calibration samples, before anything re-fits the pruned model (`mipp.surgery.apply_plan`, verify=True).
 
 Device: with `device=` ("cpu", "cuda", "cuda:1", "auto") the model is moved there (`prune`: its copy, which is
 returned there; `select_plan`: a copy when the model is elsewhere) and capture, gradient criteria, reconstruction
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 
 import torch
 import torch.nn as nn
 
-from mipp.activations import check_calibration_data
+from mipp.activations import calibration_batches, check_calibration_data
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
 from mipp.methods.gradients import model_device
@@ -29,6 +31,8 @@ from mipp.reconstruct import reconstruction_statistics, refit_readers
 from mipp.surgery import apply_plan
 from mipp.train import resolve_device
 from mipp.units import example_input_for, find_units
+
+VERIFY_SAMPLES = 8  # calibration samples the surgery is checked on (real inputs exercise more weights than zeros)
 
 
 def make_context(model: nn.Module, data, *, example_input=None, min_units=1, n_samples=2000, seed=0,
@@ -55,8 +59,51 @@ def _select(model: nn.Module, data, method: str, budget, metric: str, context_op
         raise ValueError(f"method {method!r} needs a budget: pass budget=0.5 (and metric='units'|'params'|'macs')")
     torch.manual_seed(context_options["seed"])
     ctx = make_context(model, data, **context_options)
-    check_calibration_data(data, ctx.example_input, ctx.n_samples, ctx.seed)
-    return info.select(ctx, budget, **options), ctx
+    check_calibration_data(data, ctx.example_input, ctx.n_samples, ctx.seed,
+                           expected_from=_shape_source(model, context_options["example_input"]))
+    check_finite_model(model)
+    plan = info.select(ctx, budget, **options)
+    check_plan_scores(plan)
+    return plan, ctx
+
+
+def _shape_source(model: nn.Module, example_input) -> str:
+    """Where the input shape the data is checked against comes from, for error messages."""
+    config = getattr(model, "mipp_config", None)
+    if example_input is None and config:
+        return f"its mipp_config: in_channels={config.get('in_channels')}, input_size={config.get('input_size')}"
+    return "the shape of its example input"
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite parameters or buffers: every method would score garbage."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"the model's {name!r} contains NaN or infinite values: the checkpoint is corrupt or "
+                             "its training diverged; load a good checkpoint")
+
+
+def check_plan_scores(plan: Plan) -> None:
+    """A NaN score makes the ranking arbitrary: refuse the plan and name where it came from. Scores all equal (e.g.
+    all zero: constant activations, zero gradients) make it arbitrary too: a warning."""
+    scores = []
+    for key, decisions in plan.decisions.items():
+        for decision in decisions:
+            for field in ("score", "mi"):
+                value = getattr(decision, field)
+                if isinstance(value, float) and value != value:
+                    raise ValueError(
+                        f"method {plan.method!r} scored unit {decision.unit} of group {key!r} NaN: the calibration "
+                        "data (beyond the samples checked up front) or the model's computation produce NaN or "
+                        "infinite values (e.g. an overflow); clean the data, or check the model on it")
+            if isinstance(decision.score, (int, float)):
+                scores.append(float(decision.score))
+    if len(scores) > 1 and len(set(scores)) == 1:
+        warnings.warn(
+            f"method {plan.method!r} gave all {len(scores)} units the same score ({scores[0]:g}), so which units it "
+            "removed is arbitrary: its criterion cannot tell them apart on this model and data (weights still at "
+            "their initial values, dead layers, activations or gradients that do not vary); choose a criterion "
+            "that fits the model's state, or check the model and data", stacklevel=4)
 
 
 def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units",
@@ -74,7 +121,7 @@ def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, me
 def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units", min_units=1,
           n_samples: int = 2000, seed: int = 0, example_input=None, inplace: bool = False, device=None,
           reconstruct: bool = True, recalibrate: bool = True, recalibration_batches: int = RECALIBRATION_BATCHES,
-          **options) -> tuple[nn.Module, Plan]:
+          verify: bool = True, **options) -> tuple[nn.Module, Plan]:
     """Prune `model` with `method` on calibration `data`; returns (smaller model, Plan).
 
     budget None (MIPP only): confidence mode, the sparsity follows from `confidence` (default 0.95).
@@ -84,6 +131,9 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
     that it reproduces the original reader's output from the kept units. recalibrate: re-estimate batch-norm
     statistics on `recalibration_batches` batches of 128 calibration samples. Both are recorded in `plan.settings`,
     and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
+    verify: check the surgery, before reconstruction and recalibration change the model, on the first
+    `VERIFY_SAMPLES` calibration samples: the physically pruned model must compute what the original computes with
+    the removed units zeroed (one forward pass through each); raises `mipp.SurgeryError` otherwise.
     Unless `inplace`, the model is copied first and the copy is traced, scored and pruned: the caller's model is
     left untouched, and the one trace serves the selection, the reconstruction and the surgery.
     device: where the copy (or, `inplace`, the model) is moved and pruned, and returned; None: where it is.
@@ -94,12 +144,12 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
         target.to(device)
     context = dict(example_input=example_input, min_units=min_units, n_samples=n_samples, seed=seed, device=device)
     plan, ctx = _select(target, data, method, budget, metric, context, options)
-    _apply_with_repair(target, plan, ctx, data, reconstruct, recalibrate, recalibration_batches)
+    _apply_with_repair(target, plan, ctx, data, reconstruct, recalibrate, recalibration_batches, verify)
     return target, plan
 
 
 def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, reconstruct: bool, recalibrate: bool,
-                       recalibration_batches: int) -> None:
+                       recalibration_batches: int, verify: bool = True) -> None:
     """Surgery, with the readers' statistics gathered on the unpruned model before it and their re-fit and the
     batch-norm recalibration after it; records settings and what was done in the plan."""
     started = time.perf_counter()
@@ -107,7 +157,10 @@ def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, r
                                             seed=ctx.seed, device=ctx.device, moments=ctx.reader_moments)
                   if reconstruct else {})
     statistics_seconds = time.perf_counter() - started
-    apply_plan(target, plan, units=ctx.units)
+    started = time.perf_counter()
+    check_batch = next(iter(calibration_batches(data, VERIFY_SAMPLES, seed=ctx.seed))) if verify else None
+    apply_plan(target, plan, check_batch, units=ctx.units, verify=verify)
+    surgery_seconds = time.perf_counter() - started
     started = time.perf_counter()
     refitted = refit_readers(target, statistics)
     reconstruction_seconds = statistics_seconds + time.perf_counter() - started
@@ -115,6 +168,7 @@ def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, r
     batches = recalibrate_batch_norm(target, data, n_batches=recalibration_batches, seed=ctx.seed,
                                      device=ctx.device) if recalibrate else 0
     plan.settings.update(reconstruct=reconstruct, recalibrate=recalibrate,
-                         recalibration_batches=recalibration_batches)
-    plan.stats.update(readers_refitted=len(refitted), reconstruction_seconds=reconstruction_seconds,
-                      recalibration_batches_used=batches, recalibration_seconds=time.perf_counter() - started)
+                         recalibration_batches=recalibration_batches, verify=verify)
+    plan.stats.update(surgery_seconds=surgery_seconds, readers_refitted=len(refitted),
+                      reconstruction_seconds=reconstruction_seconds, recalibration_batches_used=batches,
+                      recalibration_seconds=time.perf_counter() - started)
