@@ -153,3 +153,25 @@ def mipp_prune(*args, **kwargs):
     from mipp import prune
 
     return prune(*args, **kwargs)
+
+
+def test_sessions_reuse_the_units_inverse_across_targets():
+    """A second session on the same reader (another kept set of its outputs) starts from the first one's inverse of
+    the units' block, and computes what a fresh session computes."""
+    from mipp.mi import get_estimator
+    from mipp.methods.mipp_features import PositionFeatures
+
+    model = small_model("vgg11")
+    data = inputs_for(model, 128, rank=8)
+    ctx = make_context(model, data, n_samples=128)
+    moments = capture_reader_moments(model, ctx.units, data, n_samples=128, positions_per_image=4)
+    estimator = get_estimator("gaussian")
+    group = ctx.units.groups[2]
+    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
+    cached = PositionFeatures(ctx.units, moments)
+    cached.open(group, kept, estimator, 0.95)  # fills the cache
+    reader_output = cached._kept_outputs(moments[group.key][0], kept)[0]
+    kept[reader_output] = kept[reader_output][::2]
+    reused = cached.open(group, kept, estimator, 0.95)
+    fresh = PositionFeatures(ctx.units, moments).open(group, kept, estimator, 0.95)
+    torch.testing.assert_close(reused.transfer_entropies(), fresh.transfer_entropies(), rtol=1e-9, atol=1e-12)

@@ -69,9 +69,13 @@ class ReaderMoments:
 
     @property
     def effective_samples(self) -> int:
-        """n_eff = N P / (1 + (P - 1) rho): the samples' worth for the significance test."""
-        total = self.images * self.positions
-        return max(self.images, int(round(total / (1.0 + (self.positions - 1) * self.intra_image_correlation))))
+        """n_eff = N P / (1 + (P - 1) rho): the samples' worth for the significance test (computed once per count)."""
+        cached = getattr(self, "_effective", None)
+        if cached is None or cached[0] != self.images:
+            total = self.images * self.positions
+            n_eff = max(self.images, int(round(total / (1.0 + (self.positions - 1) * self.intra_image_correlation))))
+            self._effective = cached = (self.images, n_eff)
+        return cached[1]
 
     def feature_index(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Feature columns of the reader's input columns `inputs` (each with its kernel offsets, in that order), or
@@ -84,7 +88,7 @@ class ReaderMoments:
 
     def add(self, features: torch.Tensor, outputs: torch.Tensor, per_image: int) -> None:
         """One batch: (n * per_image, n_units * f) features and (n * per_image, n_outputs) outputs."""
-        self.moments.update(features, outputs)
+        self.moments.update(features, outputs)  # float64: float32 products break exact linear targets
         n = features.shape[0] // per_image
         means = outputs.double().reshape(n, per_image, -1).mean(1)
         added = per_image * (means ** 2).sum(0)

@@ -72,6 +72,7 @@ class PositionFeatures:
                 if coupling.module_name in self.producer_of and self.producer_of[coupling.module_name] == group.key:
                     self.output_units[coupling.module_name] = (group.key, coupling.index, coupling.unit)
         self._covariances: dict[tuple[str, str], torch.Tensor] = {}
+        self._x_inverses: dict[tuple[str, str], torch.Tensor] = {}
 
     def _kept_outputs(self, reader: ReaderMoments, kept: dict[str, list[int]]) -> tuple[str, tuple[int, ...]]:
         found = self.output_units.get(reader.reader)
@@ -99,8 +100,12 @@ class PositionFeatures:
             cov = self._covariance(reader)[index][:, index]
             blocks = [(list(range(width)), estimator.ridge), (list(range(width, len(index))), estimator.target_ridge)]
             cov = regularise(cov, blocks, estimator.floor, estimator.ridge_scale)
-            sessions.append(GaussianLayerSession(cov, reader.n_units, reader.f, reader.effective_samples, confidence,
-                                                 estimator.refresh_every))
+            key = (reader.group, reader.reader)
+            session = GaussianLayerSession(cov, reader.n_units, reader.f, reader.effective_samples, confidence,
+                                           estimator.refresh_every, x_inverse=self._x_inverses.get(key))
+            if key not in self._x_inverses:  # the units' block is the same whatever outputs the target keeps
+                self._x_inverses[key] = session.initial_x_inverse()
+            sessions.append(session)
         return sessions[0] if len(sessions) == 1 else JointSession(sessions, confidence)
 
     def _covariance(self, reader: ReaderMoments) -> torch.Tensor:

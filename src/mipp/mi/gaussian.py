@@ -77,7 +77,16 @@ class GaussianMoments:
     def dim(self) -> int | None:
         return None if self.mean is None else self.mean.shape[0]
 
-    def update(self, *parts) -> "GaussianMoments":
+    def update(self, *parts, precision: torch.dtype | None = None) -> "GaussianMoments":
+        """Add one batch. `precision` (e.g. torch.float32): compute the batch's own mean and centred products in
+        that dtype, several times faster, and merge them into the float64 running moments; the inputs are then
+        not checked for NaN (the caller does)."""
+        if precision is not None:
+            batch = torch.cat([p.reshape(p.shape[0], -1).to(precision) for p in parts], dim=1)
+            mean = batch.mean(0)
+            centred = batch - mean
+            self._absorb(GaussianMoments._from_parts(batch.shape[0], mean.to(DTYPE), (centred.T @ centred).to(DTYPE)))
+            return self
         mats = [as_matrix(p, f"batch part {k}") for k, p in enumerate(parts)]
         if not mats:
             raise ValueError("update() needs at least one batch")
@@ -407,7 +416,11 @@ class GaussianLayerSession(LayerSession):
     log-determinants of the whole set for every query.
     """
 
-    def __init__(self, cov, n_units: int, f: int, n_samples: int, confidence: float = 0.95, refresh_every: int = 0):
+    def __init__(self, cov, n_units: int, f: int, n_samples: int, confidence: float = 0.95, refresh_every: int = 0,
+                 x_inverse: torch.Tensor | None = None):
+        """`x_inverse`: the inverse of the units' block of the equilibrated `cov`, when a session on the same units
+        (another target) already computed it (`initial_x_inverse`); it saves the one large inversion."""
+        self._x_inverse = x_inverse
         self.cov = equilibrate(cov)  # the regularised covariance as a correlation matrix (same MI, better numerics)
         self.n_units, self.f, self.n_samples = int(n_units), int(f), int(n_samples)
         self.d_y = cov.shape[0] - self.n_units * self.f
@@ -433,7 +446,9 @@ class GaussianLayerSession(LayerSession):
         sxx = self.cov[cols][:, cols]
         syx = self.cov[ycols][:, cols]
         syy = self.cov[ycols][:, ycols]
-        P_kept = spd_inverse(sxx)
+        full = len(self.kept) == self.n_units and self._x_inverse is not None
+        P_kept = self._x_inverse if full else spd_inverse(sxx)
+        self._x_inverse = None
         B_kept = syx @ P_kept
         R = syy - B_kept @ syx.T
         self.Q = spd_inverse(0.5 * (R + R.T))
@@ -441,6 +456,12 @@ class GaussianLayerSession(LayerSession):
         self.P[cols[:, None], cols[None, :]] = P_kept
         self.B = torch.zeros(self.d_y, width, dtype=DTYPE)
         self.B[:, cols] = B_kept
+
+    def initial_x_inverse(self) -> torch.Tensor:
+        """The inverse of the units' block with every unit kept (call before any removal)."""
+        if len(self.kept) != self.n_units:
+            raise ValueError("initial_x_inverse is the inverse with every unit kept: ask before removing any")
+        return self.P.clone()
 
     def _slice(self, i: int) -> slice:
         return slice(i * self.f, (i + 1) * self.f)
