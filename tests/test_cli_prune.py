@@ -72,13 +72,20 @@ def test_methods_lists_mipp_and_baselines(capsys):
 
 
 def test_demo_writes_table_and_plot_and_resumes_without_recomputing(tmp_path, monkeypatch):
-    config = demo.DemoConfig(model="mlp", data="synthetic", epochs=1, budgets=(0.5,), methods=("mipp", "random"),
-                             n_samples=300, torch_pruning=False, data_options={"n": 400})
+    config = demo.DemoConfig(model="mlp", data="synthetic", epochs=1, budgets=(0.5,),
+                             methods=("mipp", "random", "magnitude-l1"), n_samples=300, data_options={"n": 400})
     result = demo.run_demo(tmp_path, config, progress=False)
     methods = sorted((r["method"], r["budget"] or 0) for r in result["rows"])
-    assert methods == [("mipp", 0), ("mipp", 0.5), ("random", 0.5)]
+    assert methods == [("magnitude-l1", 0.5), ("mipp", 0), ("mipp", 0.5), ("random", 0.5)]
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
-    assert "| mipp | 50% units |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| MIPP (`mipp`) | 50% of units |" in table and "| MIPP, confidence mode (`mipp`) | confidence 0.95 |" in table
+    assert "| L1 magnitude, global ranking (`magnitude-l1`) | 50% of units |" in table
+    base = result["base"]
+    assert f"{base['params']:,} parameters" in table and base["macs"] > 0
+    for row in result["rows"]:  # what each row removed, in all three currencies, and what is left
+        assert 0 < row["units_removed"] < 1 and 0 < row["params_removed"] < 1 and 0 < row["macs_removed"] < 1
+        assert row["params"] < base["params"]
     # a rerun finds every row done: it must not select again
     monkeypatch.setattr(demo, "select_plan", lambda *a, **k: pytest.fail("finished work was redone"))
     again = demo.run_demo(tmp_path, config, progress=False)

@@ -1,0 +1,113 @@
+"""mipp.progress off a terminal: which lines a long step logs, and when (a fake clock, no waiting)."""
+import logging
+
+import pytest
+import torch
+
+from mipp import progress
+from mipp.progress import Progress, format_seconds, quiet, track
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch, caplog):
+    fake = FakeClock()
+    monkeypatch.setattr(progress, "_clock", fake)
+    monkeypatch.delenv("MIPP_PROGRESS_SECONDS", raising=False)
+    caplog.set_level(logging.INFO, logger="mipp.progress")
+    return fake
+
+
+def lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "mipp.progress"]
+
+
+def test_a_quick_step_prints_nothing(clock, caplog):
+    with Progress(50, "quick") as step:
+        for _ in range(50):
+            step.update()
+    assert lines(caplog) == []
+
+
+def test_a_slow_step_reports_each_tenth_with_eta(clock, caplog):
+    with Progress(100, "capture", "sample") as step:
+        for _ in range(100):
+            clock.now += 1.0  # 1 s per sample: 10 s per tenth, more than the minimum gap
+            step.update()
+    reported = lines(caplog)
+    assert len(reported) == 10
+    assert reported[0] == "capture 10/100 sample (10%), 10s, ETA 1m30s"
+    assert reported[-1] == "capture 100/100 sample (100%), 1m40s"
+
+
+def test_periodic_lines_name_every_enclosing_step(clock, caplog):
+    with Progress(4, "demo", "job") as demo:
+        demo.status("mipp at 70% of units")
+        clock.now += 10
+        with Progress(200, "fine-tuning", "batch") as tune:
+            for _ in range(200):
+                clock.now += 0.5  # inner steps do not report their tenths, only every interval
+                tune.update()
+        demo.update()
+    reported = lines(caplog)
+    assert len(reported) == 4  # every 30 s during fine-tuning, then the outer step's first quarter
+    assert reported[0] == "demo 0/4 [mipp at 70% of units] > fine-tuning 40/200 batch (20%), 20s, ETA 1m20s"
+    assert reported[-1] == "demo 1/4 job (25%), 1m50s, ETA 5m30s [mipp at 70% of units]"
+
+
+def test_notes_print_at_the_top_and_become_the_status_when_nested(clock, caplog):
+    with Progress(2, "training", "batch") as top:
+        top.note("epoch 1/2: loss 0.5")
+        with Progress(2, "inner") as inner:
+            inner.note("epoch 1/1: loss 0.7")
+            assert inner.text == "epoch 1/1: loss 0.7"
+    assert lines(caplog) == ["epoch 1/2: loss 0.5"]
+
+
+def test_quiet_and_disabled_steps_print_nothing(clock, caplog):
+    with quiet():
+        step = Progress(10, "silenced")
+        clock.now += 100
+        step.update(10)
+        step.note("nothing")
+        step.close()
+    for _ in track(range(10), "off", enabled=False):
+        clock.now += 100
+    assert lines(caplog) == []
+
+
+def test_the_interval_can_be_set_from_the_environment(clock, caplog, monkeypatch):
+    monkeypatch.setenv("MIPP_PROGRESS_SECONDS", "5")
+    with Progress(None, "unknown total", "unit") as step:
+        for _ in range(4):
+            clock.now += 3
+            step.update()
+    assert lines(caplog) == ["unknown total 2 unit, 6s", "unknown total 4 unit, 12s"]
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (59, "59s"), (185, "3m05s"), (3725, "1h02m"),
+                                           (float("inf"), "?")])
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text
+
+
+def test_training_logs_one_labelled_line_per_epoch(clock, caplog):
+    from mipp.train import TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    fit(model, data, TrainConfig(epochs=2, batch_size=16, device="cpu"), description="training tiny")
+    reported = lines(caplog)
+    assert [line.split(":")[0] for line in reported] == ["training tiny epoch 1/2", "training tiny epoch 2/2"]
+    assert "train_loss" in reported[0]
+    caplog.clear()
+    fit(model, data, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
+    assert lines(caplog) == []
