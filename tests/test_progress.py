@@ -111,3 +111,19 @@ def test_training_logs_one_labelled_line_per_epoch(clock, caplog):
     caplog.clear()
     fit(model, data, TrainConfig(epochs=1, batch_size=16, device="cpu"), progress=False)
     assert lines(caplog) == []
+
+
+def test_eta_is_not_thrown_off_by_one_long_item(clock):
+    with Progress(10, "demo", "job") as demo:
+        for seconds in (100, 10, 10):  # the base training, then two quick jobs
+            clock.now += seconds
+            demo.update()
+        assert demo.eta_seconds() == 70  # 7 jobs left at the median 10 s, not at the mean 40 s
+
+
+def test_a_finished_piece_of_work_gets_one_line_with_the_eta(clock, caplog):
+    with Progress(4, "demo", "job") as demo:
+        for job in ("a", "b"):
+            clock.now += 20
+            demo.update(1, note=f"job {job}: done")
+    assert lines(caplog) == ["[1/4, ETA 1m00s] job a: done", "[2/4, ETA 40s] job b: done"]

@@ -17,10 +17,12 @@ Layer 0: imports nothing from mipp; tqdm is imported only when a bar is drawn.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Iterable, Iterator, Optional, TypeVar
@@ -30,6 +32,7 @@ log = logging.getLogger("mipp.progress")
 INTERVAL_SECONDS = 30.0  # non-terminal: at most one periodic line per this many seconds
 STEP_FRACTION = 0.1  # ... plus one at each 10% of the outermost step
 MIN_GAP_SECONDS = 2.0  # ... but never two within this gap: a quick step stays silent
+RECENT_UPDATES = 50  # the ETA uses the median time per unit of work of this many last updates
 BAR_DELAY_SECONDS = 1.0  # terminal: a bar appears only for steps that take longer than this
 
 T = TypeVar("T")
@@ -91,7 +94,8 @@ class Progress:
         self.text = ""
         self.enabled = enabled and not _state["quiet"]
         self.depth = len(_active)
-        self.started = _clock()
+        self.started = self.last_update = _clock()
+        self.recent = collections.deque(maxlen=RECENT_UPDATES)  # seconds per unit of work of the last updates
         self.steps_reported = self._steps()
         self.closed = False
         self.bar = None
@@ -108,18 +112,31 @@ class Progress:
 
     # ------------------------------------------------------------------------------------------- progress
 
-    def update(self, n: int = 1, status: Optional[str] = None) -> None:
+    def update(self, n: int = 1, status: Optional[str] = None, note: Optional[str] = None) -> None:
+        """``n`` more units done; ``note``: what the finished piece gave, as a line of its own when outermost
+        (prefixed with [done/total], ETA ...; it replaces that update's periodic line)."""
         self.done += n
         if status is not None:
             self.text = status
         if not self.enabled:
+            return
+        now = _clock()
+        if n > 0:
+            self.recent.append((now - self.last_update) / n)
+            self.last_update = now
+        if note is not None:
+            eta = self.eta_seconds()
+            where = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+            if math.isfinite(eta) and self.total and self.done < self.total:
+                where += f", ETA {format_seconds(eta)}"
+            self.steps_reported = self._steps()
+            self.note(f"[{where}] {note}")
             return
         if self.bar is not None:
             if status is not None:
                 self.bar.set_postfix_str(status, refresh=False)
             self.bar.update(n)
             return
-        now = _clock()
         due = now - _state["last_line"] >= interval_seconds()
         steps = self._steps()
         if self.depth == 0 and steps > self.steps_reported and now - _state["last_line"] >= MIN_GAP_SECONDS:
@@ -174,11 +191,12 @@ class Progress:
         return None if not self.total else min(1.0, self.done / self.total)
 
     def eta_seconds(self) -> float:
-        """Seconds left at the rate since this step started (work resumed from a checkpoint does not count)."""
-        fraction, made = self.fraction(), self.done - self.initial
-        if fraction is None or made <= 0:
+        """Seconds left at the median time per unit of the last updates: robust to one long piece of work (the
+        demo's base training among its jobs, a first batch that pays for set-up); work resumed from a checkpoint
+        does not count."""
+        if self.fraction() is None or not self.recent:
             return math.inf
-        return (_clock() - self.started) / made * (self.total - self.done)
+        return statistics.median(self.recent) * (self.total - self.done)
 
     def summary(self, detailed: bool) -> str:
         """'fine-tuning 120/469 batch (26%), 9s, ETA 26s' (detailed) or 'demo 6/31, ETA 3m10s [status]'."""
