@@ -127,3 +127,31 @@ def test_a_finished_piece_of_work_gets_one_line_with_the_eta(clock, caplog):
             clock.now += 20
             demo.update(1, note=f"job {job}: done")
     assert lines(caplog) == ["[1/4, ETA 1m00s] job a: done", "[2/4, ETA 40s] job b: done"]
+
+
+def test_a_slow_estimator_announces_its_time_before_the_sweep(caplog):
+    from mipp.mi import get_estimator
+    from mipp.mi.cost import announce_cost
+
+    caplog.set_level(logging.INFO, logger="mipp.mi.cost")
+    estimator = get_estimator("ksg", seed=0, n_permutations=5)
+    seconds = announce_cost("ksg", estimator, [16, 8], n_samples=120, budget_mode=True)
+    assert seconds > 0
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "mipp.mi.cost"]
+    assert "ksg estimator: about" in message and "24 units in 2 layers at 120 samples" in message
+    assert "budget repeats the sweep" in message and "quadratically" in message
+    assert announce_cost("gaussian", get_estimator("gaussian"), [16, 8], 120, False) is None
+
+
+def test_the_sweep_reports_its_units_when_slow(clock, caplog, monkeypatch):
+    import mipp
+
+    ticking = iter(range(10 ** 6))
+    monkeypatch.setattr(progress, "_clock", lambda: 1000.0 + 7 * next(ticking))  # every call: 7 s later
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = torch.randn(200, 6)
+    mipp.select_plan(model, data, example_input=data[:2], n_samples=200)
+    reported = lines(caplog)
+    assert any(line.startswith("capture ") for line in reported)
+    assert any(line.startswith("MIPP sweep ") and " unit " in line and "[group " in line for line in reported)

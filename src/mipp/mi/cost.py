@@ -40,6 +40,8 @@ BUDGET_SWEEPS = (7, 47)  # sweeps of a budget search, as measured on LeNet-5 (st
 def calibrate(estimator, n_samples: int, seed: int = 0) -> dict:
     """Seconds of one session, one unit's MI and one test of `estimator` on a tiny synthetic layer, scaled to
     `n_samples` samples (per the module docstring)."""
+    import scipy.stats  # noqa: F401 - the tests import it on first use (~1 s): not a cost of each test
+
     n0 = min(n_samples, CALIBRATION_SAMPLES)
     generator = torch.Generator().manual_seed(seed)
     units = torch.randn(n0, CALIBRATION_UNITS, 1, generator=generator, dtype=torch.float64)
