@@ -249,7 +249,7 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
     was_training = model.training
     model.eval()
     handles = _register(model, units, points, pool, collected, outputs)
-    bar = Progress(n_samples, "capture", "sample")
+    bar = Progress(n_samples, "capture", "sample", leave=False)
     try:
         n_batches = 0
         for batch in calibration_batches(data, n_samples, batch_size, seed):

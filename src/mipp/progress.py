@@ -81,13 +81,14 @@ def on_terminal() -> bool:
 class Progress:
     """One long step of ``total`` units of work (``None``: unknown); use as a context manager or call close().
 
+    ``leave``: keep the finished bar on the terminal (default: only an outermost step's).
     ``update(n)`` after each piece of work, ``status(text)`` for what it is doing now (e.g. the method and budget
     of the current job), ``note(text)`` for a result worth a line of its own (an epoch's loss): printed when this
     is the outermost step, otherwise only shown as the status.
     """
 
     def __init__(self, total: Optional[int], description: str, unit: str = "step", *, initial: int = 0,
-                 enabled: bool = True):
+                 enabled: bool = True, leave: Optional[bool] = None):
         self.total = None if total is None else max(0, int(total))
         self.description, self.unit = description, unit
         self.done = self.initial = int(initial)
@@ -108,7 +109,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.initial, desc=description, unit=unit, file=sys.stderr,
-                            leave=self.depth == 0, position=self.depth, delay=BAR_DELAY_SECONDS, dynamic_ncols=True)
+                            leave=self.depth == 0 if leave is None else leave, position=self.depth, delay=BAR_DELAY_SECONDS, dynamic_ncols=True)
 
     # ------------------------------------------------------------------------------------------- progress
 
