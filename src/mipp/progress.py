@@ -78,6 +78,13 @@ def on_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class Progress:
     """One long step of ``total`` units of work (``None``: unknown); use as a context manager or call close().
 
@@ -108,8 +115,11 @@ class Progress:
         if on_terminal():
             from tqdm import tqdm
 
+            sized = _terminal_columns() > 0  # a terminal of unknown width (some ptys): a fixed-width bar
             self.bar = tqdm(total=self.total, initial=self.initial, desc=description, unit=unit, file=sys.stderr,
-                            leave=self.depth == 0 if leave is None else leave, position=self.depth, delay=BAR_DELAY_SECONDS, dynamic_ncols=True)
+                            leave=self.depth == 0 if leave is None else leave, position=self.depth,
+                            delay=BAR_DELAY_SECONDS, dynamic_ncols=sized, ncols=None if sized else 100,
+                            nrows=None if sized else 20)
 
     # ------------------------------------------------------------------------------------------- progress
 
@@ -125,6 +135,10 @@ class Progress:
         if n > 0:
             self.recent.append((now - self.last_update) / n)
             self.last_update = now
+        if self.bar is not None:
+            if status is not None:
+                self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(n)
         if note is not None:
             eta = self.eta_seconds()
             where = f"{self.done}/{self.total}" if self.total else f"{self.done}"
@@ -132,11 +146,7 @@ class Progress:
                 where += f", ETA {format_seconds(eta)}"
             self.steps_reported = self._steps()
             self.note(f"[{where}] {note}")
-            return
-        if self.bar is not None:
-            if status is not None:
-                self.bar.set_postfix_str(status, refresh=False)
-            self.bar.update(n)
+        if self.bar is not None or note is not None:
             return
         due = now - _state["last_line"] >= interval_seconds()
         steps = self._steps()
@@ -151,7 +161,7 @@ class Progress:
         """What the step is doing now; shown on the bar or in the next line."""
         self.text = text
         if self.bar is not None:
-            self.bar.set_postfix_str(text)
+            self.bar.set_postfix_str(text, refresh=False)
 
     def note(self, message: str) -> None:
         """A result line (e.g. an epoch's metrics): logged when outermost, else only the status."""
