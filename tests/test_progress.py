@@ -155,3 +155,17 @@ def test_the_sweep_reports_its_units_when_slow(clock, caplog, monkeypatch):
     reported = lines(caplog)
     assert any(line.startswith("capture ") for line in reported)
     assert any(line.startswith("MIPP sweep ") and " unit " in line and "[group " in line for line in reported)
+
+
+def test_a_step_abandoned_by_an_exception_does_not_stay_open(clock, caplog):
+    def failing():
+        step = Progress(10, "abandoned")  # never closed: the exception leaves it behind
+        step.update()
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        failing()
+    with Progress(10, "next") as step:
+        assert step.depth == 0
+        step.note("printed: outermost again")
+    assert lines(caplog) == ["printed: outermost again"]

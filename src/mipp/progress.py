@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from typing import Iterable, Iterator, Optional, TypeVar
 
 log = logging.getLogger("mipp.progress")
@@ -37,7 +38,8 @@ BAR_DELAY_SECONDS = 1.0  # terminal: a bar appears only for steps that take long
 
 T = TypeVar("T")
 
-_active: list["Progress"] = []  # the open steps, outermost first
+_active: list[weakref.ref] = []  # the open steps, outermost first (weak: a step abandoned by an exception ends
+# when it is garbage-collected, without a close())
 _state = {"quiet": 0, "last_line": -math.inf}
 _clock = time.monotonic  # tests replace it
 
@@ -74,6 +76,12 @@ def quiet() -> Iterator[None]:
         _state["quiet"] -= 1
 
 
+def _open_steps() -> list["Progress"]:
+    """The open steps, outermost first, without those an exception left behind and Python has since freed."""
+    _active[:] = [ref for ref in _active if ref() is not None]
+    return [ref() for ref in _active]
+
+
 def on_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
@@ -101,7 +109,7 @@ class Progress:
         self.done = self.initial = int(initial)
         self.text = ""
         self.enabled = enabled and not _state["quiet"]
-        self.depth = len(_active)
+        self.depth = len(_open_steps())
         self.started = self.last_update = _clock()
         self.recent = collections.deque(maxlen=RECENT_UPDATES)  # seconds per unit of work of the last updates
         self.steps_reported = self._steps()
@@ -109,7 +117,7 @@ class Progress:
         self.bar = None
         if not self.enabled:
             return
-        _active.append(self)
+        _active.append(weakref.ref(self))
         if self.depth == 0:
             _state["last_line"] = self.started  # the first periodic line comes one interval in
         if on_terminal():
@@ -182,14 +190,19 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.close()
-        if self in _active:  # steps left open inside it (an exception went through them) end with it
-            del _active[_active.index(self):]
+        steps = _open_steps()
+        if self in steps:  # steps left open inside it (an exception went through them) end with it
+            del _active[steps.index(self):]
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True) and self.bar is not None:
+            self.bar.close()
 
     # ------------------------------------------------------------------------------------------- reports
 
@@ -226,7 +239,8 @@ class Progress:
 
     def line(self) -> str:
         """The report of this step with every enclosing step, outermost first."""
-        chain = _active[: _active.index(self) + 1] if self in _active else [self]
+        steps = _open_steps()
+        chain = steps[: steps.index(self) + 1] if self in steps else [self]
         return " > ".join(step.summary(step is self) for step in chain)
 
 
