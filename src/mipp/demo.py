@@ -225,9 +225,8 @@ def render_table(result: dict) -> str:
             f"| {'-' if tuned is None else f'{100 * tuned:.2f}%'} | {row['selection_seconds']:.2f} |")
     lines += ["", "Budgets count units; the same unit budget removes very different shares of parameters and MACs "
               "depending on which layers a method prunes. \"Layers cut to the minimum\": the layers a method would "
-              "have emptied or narrowed further, left at one unit by the collapse guard (global L1 ranking cuts "
-              "two layers so already at 50%, which is why it stays near chance; the others' first convolution "
-              "goes at higher budgets)."]
+              "have emptied or narrowed further, left at one unit by the collapse guard (a net whose last hidden "
+              "layer is cut to one unit stays near chance even after fine-tuning)."]
     return "\n".join(lines) + "\n"
 
 
