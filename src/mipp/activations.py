@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mipp.progress import Progress
 from mipp.units import UnitGraph
 
 OUTPUT = "output:"  # prefix of target sources that are the network's own outputs
@@ -248,13 +249,16 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
     was_training = model.training
     model.eval()
     handles = _register(model, units, points, pool, collected, outputs)
+    bar = Progress(n_samples, "capture", "sample", leave=False)
     try:
         n_batches = 0
         for batch in calibration_batches(data, n_samples, batch_size, seed):
             with torch.no_grad():
                 run_on_batch(model, batch.to(device), units.example_shape)
             n_batches += 1
+            bar.update(len(batch))
     finally:
+        bar.close()
         for h in handles:
             h.remove()
         model.train(was_training)

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -30,6 +29,7 @@ from torch import nn
 
 from mipp.checkpoint import TRAIN_STATE_FORMAT, CheckpointError, read_record
 from mipp.io import atomic_torch_save, derived_seed
+from mipp.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, eval_set: Any = None,
         checkpoint_path: str | Path | None = None, resume: bool = True, progress: bool = True,
-        callbacks: Iterable[Callback] | None = None, identity: dict | None = None) -> dict:
+        callbacks: Iterable[Callback] | None = None, identity: dict | None = None,
+        description: str = "training") -> dict:
     """Train ``model`` in place on ``train_set``; returns ``{"history", "steps", "resumed_from", "seconds"}``.
 
     ``history`` has one row per epoch: epoch, train_loss, train_accuracy, eval_loss/eval_accuracy (with
@@ -319,6 +320,8 @@ def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, 
     description such as the data set's name) is an error.  ``callbacks`` are called with a dict after every step
     (``event="step"``) and epoch (``event="epoch"``).  The global RNG (dropout) is seeded from ``config.seed``
     inside a fork, so the caller's RNG state is left alone.  The model ends on ``config.device``.
+    ``progress``: a bar over all the run's batches (with ETA) on a terminal, else a line now and then and one per
+    epoch (:mod:`mipp.progress`), labelled ``description``.
     """
     config = config or TrainConfig()
     device = resolve_device(config.device)
@@ -326,15 +329,17 @@ def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, 
     trainer = _Trainer(model, BatchSource(train_set, device, config.num_workers), config, identity=identity,
                        eval_source=BatchSource(eval_set, device, config.num_workers) if eval_set is not None else None,
                        path=Path(checkpoint_path) if checkpoint_path is not None else None,
-                       callbacks=list(callbacks or []), progress=progress)
+                       callbacks=list(callbacks or []))
     resumed_from = None
     with torch.random.fork_rng(devices=_cuda_indices(device)), _modes_kept(model):
         torch.manual_seed(config.seed)
         if trainer.path is not None and resume and trainer.path.exists():
             trainer.restore()
             resumed_from = {"epoch": trainer.epoch, "step": trainer.step}
-        while trainer.epoch < config.epochs:
-            trainer.train_epoch()
+        with Progress(config.epochs * trainer.steps_per_epoch, description, "batch", enabled=progress,
+                      initial=trainer.epoch * trainer.steps_per_epoch + trainer.step) as trainer.bar:
+            while trainer.epoch < config.epochs:
+                trainer.train_epoch()
     return {"history": trainer.history, "steps": config.epochs * trainer.steps_per_epoch,
             "resumed_from": resumed_from, "seconds": sum(row["seconds"] for row in trainer.history)}
 
@@ -343,12 +348,13 @@ class _Trainer:
     """The objects of one :func:`fit` call plus its position and running totals: what a checkpoint holds."""
 
     def __init__(self, model: nn.Module, source: BatchSource, config: TrainConfig, *, identity: dict | None,
-                 eval_source: BatchSource | None, path: Path | None, callbacks: list[Callback], progress: bool):
+                 eval_source: BatchSource | None, path: Path | None, callbacks: list[Callback]):
         n = len(source)
         if n < 2:
             raise ValueError(f"the training set has {n} example(s); at least 2 are needed")
         self.model, self.source, self.config, self.device = model, source, config, source.device
-        self.eval_source, self.path, self.callbacks, self.progress = eval_source, path, callbacks, progress
+        self.eval_source, self.path, self.callbacks = eval_source, path, callbacks
+        self.bar = Progress(None, "training", enabled=False)  # fit() replaces it with the run's progress
         self.steps_per_epoch = steps_per_epoch(n, config.batch_size)
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -369,7 +375,8 @@ class _Trainer:
         batches = epoch_batches(len(self.source), config.batch_size, config.seed, self.epoch)
         started = time.perf_counter() - self.seconds
         self.model.train()
-        bar = _progress_bar(len(batches), self.step, f"epoch {self.epoch + 1}/{config.epochs}", self.progress)
+        epoch_label = f"epoch {self.epoch + 1}/{config.epochs}"
+        self.bar.status(epoch_label)
         for inputs, targets in self.source(batches[self.step:],
                                            derived_seed(config.seed, "workers", self.epoch, self.step)):
             if config.augment == "flip-crop":
@@ -380,18 +387,17 @@ class _Trainer:
             if config.checkpoint_every and global_step % config.checkpoint_every == 0 and self.step < len(batches):
                 self.seconds = time.perf_counter() - started
                 self.save()
-            bar.update(1)
+            self.bar.update(1)
             for callback in self.callbacks:
                 callback({"event": "step", "epoch": self.epoch, "step": self.step, "global_step": global_step,
                           "loss": loss.item()})
-        bar.close()
         row = self._epoch_row(started, lr)
         self.history.append(row)
         self.epoch, self.step = self.epoch + 1, 0
         self.reset_sums()
         self.save()
-        log.info("epoch %d/%d  %s", row["epoch"], config.epochs,
-                 "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+        self.bar.note(f"{self.bar.description} {epoch_label}: "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         for callback in self.callbacks:
             callback({"event": "epoch", **row})
 
@@ -461,9 +467,3 @@ class _Trainer:
         else:
             log.info("%s holds a finished run; nothing left to train", self.path)
 
-
-def _progress_bar(total: int, done: int, description: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=description, unit="batch", leave=False, file=sys.stderr,
-                disable=not (progress and sys.stderr.isatty()))

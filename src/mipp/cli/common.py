@@ -12,6 +12,9 @@ import argparse
 import contextlib
 import json
 import logging
+import math
+import os
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,14 +29,60 @@ EXIT_INTERRUPTED = 130
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
-def add_command(subparsers, name: str, handler: Handler, *, help: str,
-                render: Optional[Renderer] = None) -> argparse.ArgumentParser:
-    """Create subcommand ``name`` with the shared flags; ``render`` turns its result into the human summary."""
+# The library's argument names and the flags that set them, for the commands whose every setting is a flag: an
+# error raised by the library is reworded at the CLI boundary (n_samples=2000 -> --samples 2000).  Names with an
+# underscore are replaced wherever they stand; plain words (lr, budget) only as ``name=value`` or ``name must``.
+FLAGS = {
+    "n_samples": "--samples", "min_units": "--min-units", "budget": "--budget", "metric": "--metric",
+    "confidence": "--confidence", "estimator": "--estimator", "pool": "--pool", "batch_size": "--batch-size",
+    "lr": "--lr", "epochs": "--epochs", "weight_decay": "--weight-decay", "label_smoothing": "--label-smoothing",
+    "warmup_epochs": "--warmup-epochs", "checkpoint_every": "--checkpoint-every", "num_workers": "--num-workers",
+    "limit": "--limit", "width": "--width", "seed": "--seed", "device": "--device",
+    "recalibration_batches": "--recalibration-batches", "n_batches": "--recalibration-batches",
+    "data_root": "--data-root",
+}
+
+
+def flag_names(*names: str, **renamed: str) -> dict:
+    """The part of FLAGS a command has (``names``), plus arguments its flags name otherwise (lr="--finetune-lr")."""
+    return {**{name: FLAGS[name] for name in names}, **renamed}
+
+
+SWITCHES = {"reconstruct=False": "--no-reconstruct", "recalibrate=False": "--no-recalibrate",
+            "resume=False": "--no-resume"}
+
+
+def add_command(subparsers, name: str, handler: Handler, *, help: str, render: Optional[Renderer] = None,
+                flags: Optional[dict] = None) -> argparse.ArgumentParser:
+    """Create subcommand ``name`` with the shared flags; ``render`` turns its result into the human summary.
+
+    ``flags``: library argument -> flag, to reword the library's errors in this command's terms (see FLAGS);
+    None leaves them as they are (e.g. for a command whose settings come from a config file)."""
     parser = subparsers.add_parser(name, help=help, description=help)
     parser.add_argument("--json", action="store_true",
                         help="print exactly one JSON object on stdout instead of the human-readable summary")
-    parser.set_defaults(handler=handler, render=render or render_key_values)
+    parser.set_defaults(handler=handler, render=render or render_key_values, flags=flags)
     return parser
+
+
+def in_flag_terms(message: str, flags: Optional[dict]) -> str:
+    """``message`` with the library's argument names replaced by the command's flags (``flags``: see FLAGS)."""
+    if not flags:
+        return message
+    message = re.sub(r"\s*\(\w+\(\.\.\., [^()]*\)\)", "", message)  # "(fit(..., resume=False))": an API hint
+    for switch, flag in SWITCHES.items():
+        message = re.sub(rf"\b{re.escape(switch)}", flag, message)
+
+    def assignment(match: re.Match) -> str:
+        values = match.group(2).replace("'", "").replace('"', "")
+        return f"{flags[match.group(1)]} {values}"
+
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    value = r"('[^']*'(?:\|'[^']*')*|\"[^\"]*\"|[\w.+-]+)"
+    message = re.sub(rf"(?<![\w-])({names})={value}", assignment, message)
+    message = re.sub(rf"(?<![\w-])({names})(?= must\b)", lambda m: flags[m.group(1)], message)
+    underscored = "|".join(sorted((re.escape(n) for n in flags if "_" in n), key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({underscored})\b", lambda m: flags[m.group(1)], message)
 
 
 def render_key_values(result: dict) -> str:
@@ -84,6 +133,61 @@ def check_model_fits_data(model_config: dict, info, data_name: str) -> None:
                              "evaluate it on the data set it was trained for")
 
 
+MAX_DEFAULT_THREADS = 4  # past this, the small models here gain little from more torch threads
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for this command (see :func:`default_threads`)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: OMP_NUM_THREADS if set, else the physical cores not busy "
+                             f"with other work, at most {MAX_DEFAULT_THREADS})")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once; the CPU count where unknown)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            blocks = handle.read().split("\n\n")
+    except OSError:
+        return usable
+    cores = set()
+    for block in blocks:
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "core id" in fields:
+            cores.add((fields.get("physical id"), fields["core id"]))
+    return max(1, min(usable, len(cores) or usable))
+
+
+def default_threads() -> int:
+    """min(physical cores, 4), less the cores other work keeps busy (1-minute load average), at least 1.
+
+    Why: torch's default (one thread per logical CPU) thrashes on a shared or busy machine; a LeNet-5 epoch here
+    went from 4 s to 300 s with threads competing against other processes."""
+    cores = physical_cores()
+    busy = math.floor(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(MAX_DEFAULT_THREADS, cores, cores - busy))
+
+
+def configure_threads(requested: Optional[int]) -> int:
+    """Set torch's CPU threads: ``requested`` (--threads), else OMP_NUM_THREADS as torch read it, else
+    :func:`default_threads`; returns the number used."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        threads = requested
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()  # torch took it from the environment at import
+    else:
+        threads = default_threads()
+    torch.set_num_threads(threads)
+    logging.getLogger("mipp").debug("torch CPU threads: %d", threads)
+    return threads
+
+
 def setup_logging() -> None:
     """Send mipp's log messages, bare, to stderr (once)."""
     logger = logging.getLogger("mipp")
@@ -102,6 +206,7 @@ def run_handler(args: argparse.Namespace) -> int:
             result = args.handler(args)
     except BAD_INPUT_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = in_flag_terms(message, getattr(args, "flags", None))
         print(f"mipp {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mipp.cli.common import add_command, parse_key_values
+from mipp.cli.common import add_command, configure_threads, parse_key_values
 
 
 def _list(text: str) -> list[str]:
@@ -119,16 +119,12 @@ def sweep_config(args: argparse.Namespace):
 
 
 def sweep_command(args: argparse.Namespace) -> dict:
-    import torch
-
     from mipp.experiments.config import expand
     from mipp.experiments.runner import run_sweep, shard_runs
     from mipp.experiments.store import ResultStore, is_finished
 
     config = sweep_config(args)
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     if args.dry_run:
         runs = shard_runs(expand(config), *args.shard)
         store = ResultStore(args.out)

@@ -5,7 +5,13 @@ import argparse
 import time
 from pathlib import Path
 
-from mipp.cli.common import add_command, add_data_arguments, check_model_fits_data, data_call, parse_key_values
+from mipp.cli.common import (add_command, add_data_arguments, add_threads_argument, check_model_fits_data, configure_threads,
+                             data_call, flag_names, parse_key_values)
+
+PRUNE_FLAGS = flag_names("n_samples", "min_units", "budget", "metric", "confidence", "estimator", "pool", "limit",
+                         "seed", "device", "data_root", "recalibration_batches", "n_batches",
+                         lr="--finetune-lr", epochs="--finetune-epochs")
+DEMO_FLAGS = flag_names("epochs", "limit", "seed", "device", "data_root", "n_samples", budget="--budgets")
 
 
 def _fraction(text: str) -> float:
@@ -26,7 +32,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     from mipp.methods import BUDGET_METRICS
     from mipp.recalibrate import RECALIBRATION_BATCHES
 
-    parser = add_command(subparsers, "prune", prune_command, render=render_prune,
+    parser = add_command(subparsers, "prune", prune_command, render=render_prune, flags=PRUNE_FLAGS,
                          help="prune a saved model; writes the pruned model, its Plan and a per-layer summary")
     parser.add_argument("--checkpoint", required=True, help="model file written by `mipp train` (OUT/model.pt)")
     add_data_arguments(parser)
@@ -53,6 +59,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>-<method>)")
+    add_threads_argument(parser)
     return parser
 
 
@@ -65,6 +72,7 @@ def prune_command(args: argparse.Namespace) -> dict:
     from mipp.train import TrainConfig, evaluate, fit, resolve_device
 
     started = time.perf_counter()
+    configure_threads(args.threads)
     options = parse_key_values(args.data_option)
     data_name = data.canonical_name(args.data)
     device = resolve_device(args.device)
@@ -95,7 +103,7 @@ def prune_command(args: argparse.Namespace) -> dict:
     if args.finetune_epochs:
         tune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, device=args.device,
                            checkpoint_every=0)
-        fit(pruned, splits["train"], tune)
+        fit(pruned, splits["train"], tune, description=f"fine-tuning the pruned {args.method} model")
         result["accuracy_finetuned"] = evaluate(pruned, splits["test"], device=device)["accuracy"]
     out = Path(args.out or f"{Path(args.checkpoint).parent}-{args.method}")
     save_model(out / "model.pt", pruned.cpu(), plan=plan.to_dict(), metrics=result)
@@ -136,25 +144,41 @@ def render_methods(result: dict) -> str:
 
 
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
-    parser = add_command(subparsers, "demo", demo_command, render=render_demo,
+    from mipp.demo import DemoConfig
+
+    defaults = DemoConfig()
+    parser = add_command(subparsers, "demo", demo_command, render=render_demo, flags=DEMO_FLAGS,
                          help="train LeNet-5 on Fashion-MNIST, prune with MIPP and baselines, fine-tune, compare")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); reruns resume")
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs of the base model (default 5)")
-    parser.add_argument("--budgets", default="0.5,0.7,0.85", help="fractions of units to remove (default 0.5,0.7,0.85)")
-    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"training epochs of the base model (default {defaults.epochs})")
+    parser.add_argument("--budgets", default=",".join(map(str, defaults.budgets)),
+                        help="fractions of units to remove (default %(default)s)")
+    parser.add_argument("--methods", default=",".join(defaults.methods),
+                        help="methods to compare (default %(default)s; see `mipp methods`)")
+    parser.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
+    parser.add_argument("--samples", type=int, default=defaults.n_samples,
+                        help=f"calibration samples (default {defaults.n_samples})")
     parser.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--limit", type=int, default=None, help="train on a subset (quick look)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    add_threads_argument(parser)
     return parser
 
 
 def demo_command(args: argparse.Namespace) -> dict:
     from mipp.demo import DemoConfig, run_demo
+    from mipp.methods import get_method
 
+    configure_threads(args.threads)
     budgets = tuple(_fraction(b) for b in args.budgets.split(","))
-    config = DemoConfig(epochs=args.epochs, budgets=budgets, finetune_epochs=args.finetune_epochs,
-                        data_root=args.data_root, limit=args.limit, seed=args.seed, device=args.device)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for method in methods:
+        get_method(method)  # an unknown name fails here, before the base model is trained
+    config = DemoConfig(epochs=args.epochs, budgets=budgets, methods=methods, finetune_epochs=args.finetune_epochs,
+                        n_samples=args.samples, data_root=args.data_root, limit=args.limit, seed=args.seed,
+                        device=args.device)
     return run_demo(args.out, config)
 
 

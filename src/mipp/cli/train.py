@@ -5,7 +5,12 @@ import argparse
 import time
 from pathlib import Path
 
-from mipp.cli.common import add_command, add_data_arguments, check_model_fits_data, data_call, parse_key_values
+from mipp.cli.common import (add_command, add_data_arguments, add_threads_argument, check_model_fits_data, configure_threads,
+                             data_call, flag_names, parse_key_values)
+
+TRAIN_FLAGS = flag_names("lr", "epochs", "batch_size", "weight_decay", "label_smoothing", "warmup_epochs",
+                         "checkpoint_every", "num_workers", "limit", "width", "seed", "device", "data_root")
+EVAL_FLAGS = flag_names("batch_size", "limit", "device", "data_root")
 
 
 def _param_count(model) -> int:
@@ -18,7 +23,7 @@ def _param_count(model) -> int:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     from mipp.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES
 
-    parser = add_command(subparsers, "train", train_command, render=render_train,
+    parser = add_command(subparsers, "train", train_command, render=render_train, flags=TRAIN_FLAGS,
                          help="train a model from scratch (resumable: rerun the same command to continue)")
     parser.add_argument("--model", required=True, help="model name (see mipp.models.MODEL_NAMES)")
     add_data_arguments(parser)
@@ -38,6 +43,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers for lazy data sets")
     parser.add_argument("--out", default=None, help="output folder (default runs/<model>-<data>-s<seed>)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
+    add_threads_argument(parser)
     return parser
 
 
@@ -61,6 +67,7 @@ def train_command(args: argparse.Namespace) -> dict:
     from mipp.train import evaluate, fit
 
     started = time.perf_counter()
+    configure_threads(args.threads)
     config = _train_config(args)
     options = parse_key_values(args.data_option)
     data_name = data.canonical_name(args.data)
@@ -73,7 +80,7 @@ def train_command(args: argparse.Namespace) -> dict:
                                 **options) for split in ("train", "test")}
     identity = {"data": data_name, "data_options": options, "limit": args.limit}
     result = fit(model, splits["train"], config, eval_set=splits["test"], checkpoint_path=out / "train-state.pt",
-                 resume=not args.no_resume, identity=identity)
+                 resume=not args.no_resume, identity=identity, description=f"training {args.model} on {data_name}")
     history = result["history"]
     final = ({"loss": history[-1]["eval_loss"], "accuracy": history[-1]["eval_accuracy"]} if history
              else evaluate(model, splits["test"]))
@@ -110,13 +117,14 @@ def render_train(result: dict) -> str:
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    parser = add_command(subparsers, "eval", eval_command, render=render_eval,
+    parser = add_command(subparsers, "eval", eval_command, render=render_eval, flags=EVAL_FLAGS,
                          help="evaluate a saved model (OUT/model.pt) on a data set")
     parser.add_argument("--checkpoint", required=True, help="model file written by `mipp train` (OUT/model.pt)")
     add_data_arguments(parser)
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--batch-size", type=int, default=512, help="evaluation batch size (default 512)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    add_threads_argument(parser)
     return parser
 
 
@@ -125,6 +133,7 @@ def eval_command(args: argparse.Namespace) -> dict:
     from mipp.checkpoint import load_model
     from mipp.train import evaluate, resolve_device
 
+    configure_threads(args.threads)
     options = parse_key_values(args.data_option)
     data_name = data.canonical_name(args.data)
     device = resolve_device(args.device)

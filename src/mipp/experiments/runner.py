@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from mipp.experiments.record import RunRecord
 from mipp.experiments.store import ResultStore, is_finished
 from mipp.io import derived_seed, run_versions, stable_hash
 from mipp.plan import Plan
+from mipp.progress import Progress
 from mipp.recalibrate import recalibrate_batch_norm
 from mipp.reconstruct import reconstruction_statistics, refit_readers
 from mipp.surgery import apply_plan
@@ -237,7 +237,8 @@ class Runner:
         config = TrainConfig(**settings, epochs=epochs, seed=derived_seed(run.seed, "finetune") % 2 ** 31,
                              device=str(self.device))
         path = self.store.work_path(run.run_id, epochs)
-        fit(pruned, splits.train, config, checkpoint_path=path, identity={"run": run.run_id}, progress=self.progress)
+        fit(pruned, splits.train, config, checkpoint_path=path, identity={"run": run.run_id}, progress=self.progress,
+            description="training the pruned net" if run.regime == "init" else "fine-tuning")
         scores = self.scores(pruned, splits)
         path.unlink(missing_ok=True)
         return scores
@@ -318,46 +319,50 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
     its traceback and the sweep goes on; rerun with retry_failed=True after a fix.  `on_record(record)` is called
     after each run is stored (an exception there stops the sweep: that is how tests interrupt it).
     shard (i, n): only the i-th of n shards (see shard_runs), so that n processes can share one store.
+    `progress`: a bar over the runs (terminal) or periodic lines naming the run (model, data, regime, method,
+    target, seed) and its stage, plus one line per finished run (mipp.progress); the training inside is nested.
     """
-    from tqdm import tqdm
-
     runs = shard_runs(expand(config), *shard)
     store = ResultStore(out)
     store.log_sweep(config, argv)
-    interactive = progress and sys.stderr.isatty()
-    runner = Runner(store, device=config.device, data_root=config.data_root, progress=interactive,
+    runner = Runner(store, device=config.device, data_root=config.data_root, progress=progress,
                     latency=config.latency)
     counts = {"runs": len(runs), "already": 0, "done": 0, "skipped": 0, "failed": 0}
-    bar = tqdm(runs, desc=config.name, unit="run", file=sys.stderr, disable=not interactive)
     train_log = logging.getLogger("mipp.train")
     level = train_log.level
-    train_log.setLevel(logging.WARNING)  # one line per epoch of every fine-tuning would drown the sweep's progress
+    train_log.setLevel(logging.WARNING)  # "resuming ..." for every fine-tuning would drown the sweep's progress
     try:
-        for index, run in enumerate(bar):
-            existing = store.get(run.run_id)
-            if is_finished(existing, run.finetune_epochs, retry_failed):
-                counts["already"] += 1
-                continue
-            labels = run.labels
-            name = f"{labels['model']} {labels['data']} {run.regime} {labels['method']} {run.target} s{run.seed}"
-            bar.set_postfix_str(name)
-            try:
-                record = runner.execute(run, existing)
-            except Exception as err:  # noqa: BLE001 - one broken run must not stop a night's sweep
-                log.error("run %s (%s) failed: %s", run.run_id, name, err)
-                record = header(run, "failed", f"{type(err).__name__}: {err}")
-                record.traceback = traceback.format_exc(limit=8)
-                record = runner.finish(record)
-            counts[record.status] += 1
-            if progress and not interactive:
-                log.info("[%d/%d] %s: %s", index + 1, len(runs), name, _outcome(record))
-            if on_record is not None:
-                on_record(record)
+        with Progress(len(runs), config.name, "run", enabled=progress) as bar:
+            for run in runs:
+                existing = store.get(run.run_id)
+                if is_finished(existing, run.finetune_epochs, retry_failed):
+                    counts["already"] += 1
+                    bar.update(1)
+                    continue
+                name = run_name(run)
+                bar.status(name)
+                try:
+                    record = runner.execute(run, existing)
+                except Exception as err:  # noqa: BLE001 - one broken run must not stop a night's sweep
+                    log.error("run %s (%s) failed: %s", run.run_id, name, err)
+                    record = header(run, "failed", f"{type(err).__name__}: {err}")
+                    record.traceback = traceback.format_exc(limit=8)
+                    record = runner.finish(record)
+                counts[record.status] += 1
+                bar.update(1, note=f"{name}: {_outcome(record)}")
+                if on_record is not None:
+                    on_record(record)
     finally:
         train_log.setLevel(level)
-        bar.close()
     store.log_sweep(config, argv, counts)
     return {"out": str(out), **counts}
+
+
+def run_name(run: RunSpec) -> str:
+    """'lenet5 fashion-mnist trained mipp at 0.7 of macs, seed 0': what a progress line calls a run."""
+    labels = run.labels
+    target = "confidence mode" if run.target is None else f"at {run.target} of {run.metric}"
+    return f"{labels['model']} {labels['data']} {run.regime} {labels['method']} {target}, seed {run.seed}"
 
 
 def shard_runs(runs: list[RunSpec], index: int, count: int) -> list[RunSpec]:

@@ -43,8 +43,10 @@ from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
 from mipp.mi import estimator_class, get_estimator
 from mipp.mi.base import LayerSession, TestResult
+from mipp.mi.cost import announce_cost
 from mipp.plan import Plan, UnitDecision
 from mipp.positions import POSITIONS_PER_IMAGE, capture_reader_moments
+from mipp.progress import Progress
 
 
 ORDERS = ("mi", "greedy")
@@ -166,7 +168,9 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
         features = MeanFeatures(ctx.units, features)
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
     decisions, lost_share, remaining = {}, {}, {}
+    bar = Progress(sum(g.size for g in ctx.units.groups), "MIPP sweep", "unit", leave=False)
     for group in ctx.units.groups:  # already ordered from the output to the input
+        bar.status(f"group {group.key}")
         signature = features.signature(group, kept)
         if cache is None or signature not in cache:
             session = features.open(group, kept, estimator, confidence)
@@ -189,10 +193,13 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
                 session.remove(unit)
                 record.kept = False
                 lost_share[group.key] += share or 0.0
+            bar.update(1)
+        bar.update(sum(r.rank is None for r in records.values()))  # untested: stopped by the collapse guard
         kept[group.key] = sorted(session.kept)
         decisions[group.key] = [records[i] for i in range(group.size)]
         if collect_remaining and len(session.kept) > floor:
             remaining[group.key] = [(u, session.variance_share_lost(u)) for u in session.kept]
+    bar.close()
     return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining)
 
 
@@ -215,6 +222,8 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
         features, n_samples = MeanFeatures(ctx.units, acts), acts.n_samples
     capture_seconds = time.perf_counter() - started
     estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
+    announce_cost(settings.estimator, estimator, [g.size for g in ctx.units.groups], n_samples, budget is not None,
+                  ctx.seed)
     record = {"estimator": settings.estimator, "estimator_options": settings.estimator_options,
               "pool": settings.pool, "n_samples": n_samples, "min_units": ctx.min_units}
     record["order"] = settings.order
