@@ -18,3 +18,4 @@ sweep resnet18-fmnist resnet18-fmnist
 sweep lenet5-fmnist-macs lenet5-fmnist   # the same store: shares the grid's base models; the report also
                                          # compares at equal MACs along the grid's curves
 sweep lenet5-fmnist-repair lenet5-fmnist-repair   # every method re-fitted and recalibrated after surgery
+sweep lenet5-fmnist-patches lenet5-fmnist-patches   # MIPP with patch features beside every baseline, same bases

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mipp.activations import calibration_batches
+from mipp.activations import calibration_batches, run_on_batch
+from mipp.progress import Progress
 from mipp.mi.gaussian import GaussianMoments
 from mipp.units import Coupling, UnitGraph
 
@@ -133,11 +134,14 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             handles.append(module.register_forward_hook(_accumulate(stats, columns, generator, positions_per_image)))
     was_training = model.training
     model.eval()
+    bar = Progress(n_samples, "capture (positions)", "sample", leave=False)
     try:
         with torch.no_grad():
             for batch in calibration_batches(data, n_samples, batch_size, seed):
-                model(batch.to(device))
+                run_on_batch(model, batch.to(device), units.example_shape)
+                bar.update(len(batch))
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
         model.train(was_training)
