@@ -419,3 +419,17 @@ def test_repaired_sweep_reconstructs_every_method_apart_from_plain_runs(full_swe
 
     again = runner.scores(pruned_copy(spec, splits, base, Plan.from_dict(record.plan)), splits)
     assert again == record.pruned
+
+
+def test_one_model_label_from_two_stores_is_reported_apart():
+    """Each store trains its own base models: runs of one model label from two stores are never pooled as seeds."""
+    import dataclasses
+
+    from mipp.experiments.report import _apart
+    from mipp.experiments.store import ResultStore
+
+    real = next(iter(ResultStore(Path(__file__).resolve().parents[1] / "results" / "planted").records()))
+    a = dataclasses.replace(real, model="lenet5+rec+bn", data="fashion-mnist")
+    c = dataclasses.replace(real, model="vgg11", data="fashion-mnist")
+    out = _apart([("store-one", a), ("store-two", a), ("store-one", c)])
+    assert [r.model for r in out] == ["lenet5+rec+bn [store-one]", "lenet5+rec+bn [store-two]", "vgg11"]

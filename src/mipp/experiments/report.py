@@ -13,11 +13,14 @@ tables and the Markdown in tables.py, the figures in figures.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 from mipp.io import atomic_write_text
 from mipp.experiments import figures, statistics, tables
+from mipp.experiments.record import RunRecord
 from mipp.experiments.store import ResultStore
 
 
@@ -29,9 +32,20 @@ def load(dirs) -> tuple[list, list, list[tuple[str, dict]]]:
         if not store.runs_dir.is_dir():
             raise FileNotFoundError(f"{folder} holds no runs/ folder: pass the --out folder of a `mipp sweep`")
         for record in store.records():
-            (done if record.status == "done" else other).append(record)
+            (done if record.status == "done" else other).append((Path(folder).name, record))
         sweeps += [(str(folder), line) for line in store.sweeps()]
-    return done, other, sweeps
+    return _apart(done), _apart(other), sweeps
+
+
+def _apart(found: list[tuple[str, RunRecord]]) -> list[RunRecord]:
+    """Records of one model and data label from several stores were made on different base models (each store trains its
+    own): they are reported apart, the label followed by the store's name, never pooled as if they were seeds of
+    one experiment. A label found in one store only is left as it is."""
+    stores: dict[tuple[str, str], set[str]] = {}
+    for store, record in found:
+        stores.setdefault((record.model, record.data), set()).add(store)
+    return [dataclasses.replace(record, model=f"{record.model} [{store}]")
+            if len(stores[(record.model, record.data)]) > 1 else record for store, record in found]
 
 
 LATENCY_FORMAT = "mipp-latency/1"
@@ -78,7 +92,7 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
         md.append(tables.verdict_section(counts, stages))
     names = []
     for model, data in sorted({(r["model"], r["data"]) for r in rows}):
-        slug = f"{model}_{data}".replace("/", "_").replace("@", "w").replace("+", "_")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{data}".replace("@", "w")).strip("_")
         part = [e for e in summary if (e["model"], e["data"]) == (model, data)]
         part_rows = [r for r in rows if (r["model"], r["data"]) == (model, data)]
         part_records = [r for r in done if (r.model, r.data) == (model, data)]
