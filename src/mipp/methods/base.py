@@ -163,6 +163,7 @@ def finish_plan(ctx: PruneContext, kept: dict[str, list[int]], method: str, sett
         example_shape=list(ctx.example_input.shape),
         decisions=decisions or {},
         guard_hits=guard_hits,
+        excluded=dict(ctx.units.excluded),
     )
     plan.stats = {**ctx.cost.plan_stats(plan), **(stats or {})}
     return plan
