@@ -149,3 +149,41 @@ def test_trial_leaves_the_model_exactly_as_it_was():
     assert (model.first.out_channels, model.second.out_channels, model.third.in_channels) == (12, 10, 10)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+class ConcatNet(nn.Module):
+    """Two dense layers: torch-pruning edits its concatenations' sizes in place when the trial removes channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(8)
+        self.grow1 = nn.Conv2d(8, 6, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(14)
+        self.grow2 = nn.Conv2d(14, 6, 3, padding=1)
+        self.norm3 = nn.BatchNorm2d(20)
+        self.mix = nn.Conv2d(20, 10, 1)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.grow1(torch.relu(self.norm1(x)))], 1)
+        x = torch.cat([x, self.grow2(torch.relu(self.norm2(x)))], 1)
+        return self.head(torch.relu(self.mix(torch.relu(self.norm3(x)))).mean((2, 3)))
+
+
+def test_a_plan_applied_after_the_trial_equals_the_masked_original():
+    torch.manual_seed(0)
+    model = ConcatNet().eval()
+    x = images(8)
+    units = find_units(model, x[:2])
+    assert not units.excluded
+    generator = torch.Generator().manual_seed(5)  # another removal than the trial's
+    kept = {g.key: torch.randperm(g.size, generator=generator)[: g.size // 2 + 1].tolist() for g in units.groups}
+    plan = Plan(kept=kept, sizes={g.key: g.size for g in units.groups}, method="test")
+    removed = {key: torch.tensor(plan.removed(key), dtype=torch.long) for key in kept}
+    with torch.no_grad(), zeroed_units(model, units.groups, removed):
+        masked = model(x)
+    pruned = mipp.apply_plan(model, plan, units=units)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5)

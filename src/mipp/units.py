@@ -14,6 +14,7 @@ coupling hidden in plain tensor code.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -400,20 +401,24 @@ def _zero_channels(channels: torch.Tensor, channels_last: bool):
 class _ModuleSnapshot:
     """The attributes of every module of a model and of torch-pruning's graph, to undo a trial removal in place.
 
-    torch-pruning removes channels by assigning new tensors and sizes (never by writing into the old tensors), so
-    shallow copies of each module's attribute, parameter and buffer dicts bring the model back exactly."""
+    torch-pruning removes channels by assigning new tensors and sizes (never by writing into the old tensors), and
+    edits some lists in place (a concatenation's sizes), so copies of each module's attribute dict, one level deep
+    (its parameter and buffer dicts, lists, sets), bring the model back exactly."""
 
     def __init__(self, model: nn.Module, graph: tp.DependencyGraph):
         modules = list(model.modules()) + [m for m in graph.module2node if isinstance(m, nn.Module)]
-        self.saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in modules]
+        self.saved = [(m, _one_level_copy(m.__dict__)) for m in modules]
         self.graph, self.history = graph, len(graph._pruning_history)
 
     def restore(self) -> None:
-        for module, attributes, parameters, buffers in self.saved:
+        for module, attributes in self.saved:
             module.__dict__.clear()
-            module.__dict__.update(attributes)
-            module._parameters, module._buffers = parameters.copy(), buffers.copy()
+            module.__dict__.update(_one_level_copy(attributes))
         del self.graph._pruning_history[self.history:]
+
+
+def _one_level_copy(attributes: dict) -> dict:
+    return {key: copy.copy(value) if isinstance(value, (list, dict, set)) else value for key, value in attributes.items()}
 
 
 def _trial_exclusions(model: nn.Module, graph, groups: list[UnitGroup], example_input: torch.Tensor,
