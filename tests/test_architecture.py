@@ -102,13 +102,13 @@ class CountingMLP(nn.Sequential):
 
 
 # A prune call's forward passes, in order: the trace (the example batch, once) and the trial removal that checks
-# every group can be pruned safely (the example batch twice: the masked original, then the pruned model; see
-# mipp.units); the method's own passes over the calibration data (MIPP's capture: the 300 samples in batches of 256;
+# every group can be pruned safely (the example batch twice: the masked original, then the pruned model, whose pass
+# leaves no record here because the trial restores every attribute of the model afterwards; see mipp.units); the method's own passes over the calibration data (MIPP's capture: the 300 samples in batches of 256;
 # the other methods here run none on this model); reconstruction's one pass over the same 300 samples through the unpruned model, gathering the re-fitted
 # readers' statistics (only when the plan removes something); then batch-norm recalibration's batches of 128 (none
 # for a model without batch norm).
 CALIBRATION_PASS = [256, 44]
-TRACE = [2, 2, 2]  # the trace and the trial, on the example batch of 2
+TRACE = [2, 2]  # the trace and the trial's masked pass, on the example batch of 2
 SELECTION_PASSES = {"mipp": CALIBRATION_PASS}
 
 
