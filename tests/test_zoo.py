@@ -24,6 +24,7 @@ from mipp.units import zeroed_units  # noqa: E402
 pytestmark = pytest.mark.zoo
 
 N_CALIBRATION = 96
+TOLERANCE = 0.02  # of the MACs budget: a coarser target than the default 0.005 shortens MIPP's price search
 SIZE = 64  # input side where the architecture allows it
 # Architectures whose input cannot be 64x64: their smallest reasonable side (and builder options).
 INPUT_SIDE = {"inception_v3": 75, "maxvit_t": 224}
@@ -92,8 +93,8 @@ def test_architecture_prunes_into_a_working_smaller_model(architecture, method, 
     budget = _reachable(model, images, budget)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pruned, plan = mipp.prune(model, images, method=method, budget=budget, metric="macs", example_input=example,
-                                  n_samples=N_CALIBRATION, reconstruct=False, recalibrate=False)
+        pruned, plan = mipp.prune(model, images, method=method, budget=budget and Budget(budget, "macs", TOLERANCE),
+                                  example_input=example, n_samples=N_CALIBRATION, reconstruct=False, recalibrate=False)
     with torch.no_grad():
         expected_shape = model(example).shape
         output = pruned(images[:4])
@@ -102,7 +103,7 @@ def test_architecture_prunes_into_a_working_smaller_model(architecture, method, 
     assert count_params(pruned) == plan.stats["params_kept"]
     assert count_macs(pruned, example) == plan.stats["macs_kept"]
     if budget is not None:
-        assert abs(plan.stats["macs_removed"] - budget) <= 0.05, plan.stats
+        assert abs(plan.stats["macs_removed"] - budget) <= 2 * TOLERANCE, plan.stats
     assert plan.stats["params_kept"] <= count_params(model)
 
     removed = {key: torch.tensor(plan.removed(key), dtype=torch.long) for key in plan.kept}

@@ -171,39 +171,54 @@ class _TraceRecorder:
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph, traced in eval mode (the model's mode is restored afterwards).
 
-    torch-pruning 1.6 divides by zero when it infers the channels of a reshape that splits the channel dim (the
-    channel shuffle of ShuffleNet); the graph is then traced again with its reshapes left unmapped (identity), and
-    the trial in `find_units` excludes the groups that this leaves wrong."""
+    torch-pruning 1.6 fails on some index mappings it cannot infer: it divides by zero on a reshape that splits
+    the channel dim (ShuffleNet's channel shuffle) and adds None on a concatenation of unknown sizes (Swin's patch
+    merging). The graph is then traced again with reshapes left unmapped and every other mapping that fails left
+    as the identity (`_guard_index_mapping`); the trial in `find_units` excludes the groups this leaves wrong."""
     was_training = model.training
     model.eval()
     try:
         try:
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-        except ZeroDivisionError:
+        except (ZeroDivisionError, TypeError, IndexError):
             graph = tp.DependencyGraph()
-            graph.mipp_reshapes_unmapped = True
+            graph.mipp_unmapped_on_error = True
             return graph.build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
 
 
-def _guard_reshape_mapping() -> None:
-    """Let a graph marked `mipp_reshapes_unmapped` skip torch-pruning's reshape index mapping, both when it is built
-    and whenever a group is formed (torch-pruning recomputes the mappings then). Other graphs are unaffected."""
+def _guard_index_mapping() -> None:
+    """Let a graph marked `mipp_unmapped_on_error` skip torch-pruning's reshape index mappings and any other
+    mapping that raises, both when it is built and whenever a group is formed (torch-pruning recomputes the
+    mappings then). Other graphs are unaffected."""
     mapping = tp.dependency.index_mapping
-    original = mapping.update_reshape_index_mapping
+    original = mapping.update_index_mapping
     if getattr(original, "mipp_guard", False):
         return
+    updates = {tp.ops.OPTYPE.CONCAT: mapping.update_concat_index_mapping,
+               tp.ops.OPTYPE.SPLIT: mapping.update_split_index_mapping,
+               tp.ops.OPTYPE.UNBIND: mapping.update_unbind_index_mapping,
+               tp.ops.OPTYPE.EXPAND: mapping.update_expand_index_mapping,
+               tp.ops.OPTYPE.SLICE: mapping.update_slice_index_mapping}
 
-    def guarded(graph, node):
-        if not getattr(graph, "mipp_reshapes_unmapped", False):
-            original(graph, node)
+    def guarded(graph):
+        if not getattr(graph, "mipp_unmapped_on_error", False):
+            return original(graph)
+        for node in graph.module2node.values():
+            update = updates.get(node.type)
+            if update is None:
+                continue
+            try:
+                update(graph, node)
+            except (ZeroDivisionError, TypeError, IndexError):
+                pass
 
     guarded.mipp_guard = True
-    mapping.update_reshape_index_mapping = guarded
+    mapping.update_index_mapping = guarded
 
 
-_guard_reshape_mapping()
+_guard_index_mapping()
 
 
 def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, trial: bool = True) -> UnitGraph:
