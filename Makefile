@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # These machines pin the local CPU build of torch; elsewhere set TORCH_SPEC to your own (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all bench data clean
+.PHONY: demo test test-all test-zoo bench data clean
 
 $(BIN)/mipp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,22 @@ test: $(BIN)/mipp
 test-all: $(BIN)/mipp
 	$(BIN)/python -m pytest -m ""
 
+# The torchvision model zoo (tests/test_zoo.py): its own environment, since torchvision needs a torch of its own.
+ZOO_VENV := .venv-zoo
+ZOO_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+$(ZOO_VENV)/bin/pytest: pyproject.toml
+	test -x $(ZOO_VENV)/bin/python || $(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ZOO_VENV)/bin/python -m pip install -q $(ZOO_TORCH_SPEC)
+	$(ZOO_VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $(ZOO_VENV)/bin/pytest
+
+test-zoo: $(ZOO_VENV)/bin/pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ZOO_VENV)/bin/python -m pytest -m zoo tests/test_zoo.py $(ZOO_ARGS)
+
 bench: $(BIN)/mipp
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs build dist src/*.egg-info
+	rm -rf $(VENV) $(ZOO_VENV) runs build dist src/*.egg-info

@@ -102,14 +102,17 @@ class CountingMLP(nn.Sequential):
         return super().forward(x)
 
 
-# A prune call's forward passes, in order: the trace (the example batch, once); the method's own passes over the
-# calibration data (MIPP's capture: the 300 samples in batches of 256; the other methods here run none on this
-# model); reconstruction's one pass over the same 300 samples through the unpruned model, gathering the re-fitted
-# readers' statistics (only when the plan removes something); the surgery check's one pass of VERIFY_SAMPLES
-# calibration samples through the masked original and one through the pruned model (same condition); then
-# batch-norm recalibration's batches of 128 (none for a model without batch norm).
+# A prune call's forward passes, in order: the trace (the example batch, once) and the trial removal that checks
+# every group can be pruned safely (the example batch again: the masked original; the trial's pruned pass leaves no
+# record here because the trial restores every attribute of the model afterwards; see mipp.units); the method's own
+# passes over the calibration data (MIPP's capture: the 300 samples in batches of 256; the other methods here run
+# none on this model); reconstruction's one pass over the same 300 samples through the unpruned model, gathering the
+# re-fitted readers' statistics (only when the plan removes something); the surgery check's one pass of
+# VERIFY_SAMPLES calibration samples through the masked original and one through the pruned model (same condition);
+# then batch-norm recalibration's batches of 128 (none for a model without batch norm).
 CALIBRATION_PASS = [256, 44]
 SURGERY_CHECK = [VERIFY_SAMPLES, VERIFY_SAMPLES]
+TRACE = [2, 2]  # the trace and the trial's masked pass, on the example batch of 2
 SELECTION_PASSES = {"mipp": CALIBRATION_PASS}
 
 
@@ -134,7 +137,7 @@ def test_one_prune_call_traces_the_model_once(monkeypatch, method, budget):
     assert len(builds) == 1, "one dependency graph per prune call, shared by costs, capture, reconstruction, surgery"
     removes = plan.units_kept < plan.units_total
     after_selection = CALIBRATION_PASS + SURGERY_CHECK if removes else []
-    assert pruned.calls == [len(example)] + SELECTION_PASSES.get(method, []) + after_selection
+    assert pruned.calls == TRACE + SELECTION_PASSES.get(method, []) + after_selection
     assert pruned[1].out_features == len(plan.kept["1"]) and pruned(example).shape == (2, 3)
 
 
@@ -144,6 +147,6 @@ def test_recalibration_adds_its_own_batches_and_nothing_else():
     data = torch.randn(300, 12)
     pruned, plan = mipp.prune(model, data, method="random", budget=0.3, example_input=data[:2], n_samples=300,
                               recalibration_batches=2)
-    assert pruned.calls == [2] + CALIBRATION_PASS + SURGERY_CHECK + [128, 128], \
-        "trace, reconstruction, surgery check, 2 recalibration batches"
+    assert pruned.calls == TRACE + CALIBRATION_PASS + SURGERY_CHECK + [128, 128], \
+        "trace and trial, reconstruction, surgery check, 2 recalibration batches"
     assert plan.stats["recalibration_batches_used"] == 2 and not pruned.training

@@ -297,15 +297,21 @@ def _register(model, units, points, pool, collected, outputs):
             module = model.get_submodule(coupling.module_name)
 
             def hook(m, inputs, c=coupling, g=group):
-                collected[g.key].append(_unit_features(inputs[0], c.index, c.unit, g.size, pool).cpu())
+                x = channels_first(m, inputs[0])
+                collected[g.key].append(_unit_features(x, c.index, c.unit, g.size, pool).cpu())
 
             handles.append(module.register_forward_pre_hook(hook))
     for name in units.output_modules:
         def out_hook(m, inputs, output, name=name):
-            outputs.setdefault(name, []).append(_pool(output.detach().float(), None).flatten(1).cpu())
+            outputs.setdefault(name, []).append(_pool(channels_first(m, output).detach().float(), None).flatten(1).cpu())
 
         handles.append(model.get_submodule(name).register_forward_hook(out_hook))
     return handles
+
+
+def channels_first(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's features are its input's last dim: (N, tokens, C) becomes (N, C, tokens), as a conv's would be."""
+    return x.movedim(-1, 1) if isinstance(module, nn.Linear) and x.dim() > 2 else x
 
 
 def _by_batch(parts: list[torch.Tensor], per_batch: int):

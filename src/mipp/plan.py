@@ -3,7 +3,9 @@
 A Plan is the one thing every method produces and everything downstream consumes: surgery applies it
 (:func:`mipp.surgery.apply_plan`), reports read it, and a saved Plan plus the original architecture and the pruned
 state dict rebuilds the pruned model (JSON, no pickle).  It is plain data: kept indices, decisions, settings and
-versions, with a JSON round trip; it knows nothing of models.
+versions, with a JSON round trip; it knows nothing of models. Groups that mipp could not prune safely (attention,
+recurrent layers, norms over channels; see `mipp.units`) are named in `excluded` with the reason; plan files written
+before that field existed load with none.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class Plan:
     example_shape: list[int] = field(default_factory=list)  # input shape used to trace the model
     decisions: dict[str, list[UnitDecision]] = field(default_factory=dict)
     guard_hits: list[str] = field(default_factory=list)  # groups left at the minimum width
+    excluded: dict[str, str] = field(default_factory=dict)  # root module of a group left unpruned -> why
     stats: dict = field(default_factory=dict)  # fractions removed, selection time, ...
     versions: dict = field(default_factory=dict)
 
@@ -118,5 +121,7 @@ class Plan:
             lines.append(f"{key:<{width}}  {len(units):>4} / {self.sizes[key]:<4}{mark}")
         lines.append(f"{'total':<{width}}  {self.units_kept:>4} / {self.units_total:<4}"
                      f"  ({100 * self.unit_fraction_removed:.1f}% of units removed)")
+        for key, reason in self.excluded.items():
+            lines.append(f"not pruned: {key} ({reason})")
         return "\n".join(lines)
 

@@ -4,9 +4,19 @@ torch-pruning's DependencyGraph finds which channels must be removed together (a
 the next layer's input channels, every partner of a residual addition). Each such group is one set of units for
 MIPP and for every baseline; a unit is one index of the group (one neuron or one channel across all its couplings).
 Groups whose channels reach the network's output unread are the outputs and are never pruned.
+
+Groups that cannot be pruned safely are excluded, with a warning naming them, and recorded (`UnitGraph.excluded`,
+copied into every Plan): a group coupled with a module whose channel coupling mipp does not model (attention,
+recurrent layers, layer or group norm over the channels, a bare parameter such as a class token), found from the
+trace; and a group whose physical removal does not compute what zeroing its units at their readers computes, found
+by a trial on the example input (`_trial_exclusions`): channel shuffles, reshapes into heads and any other
+coupling hidden in plain tensor code.
 """
 from __future__ import annotations
 
+import copy
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +24,11 @@ import torch.nn as nn
 import torch_pruning as tp
 
 WEIGHTED_READERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Modules with parameters whose channels mipp knows how to remove: anything else coupled to a group excludes it.
+MODELLED_COUPLINGS = WEIGHTED_READERS + (nn.modules.batchnorm._BatchNorm, nn.PReLU)
+# A trial's pruned output must match the masked original to this share of the output's largest magnitude (relative
+# only: a model whose activations are tiny, e.g. from an initialisation for training, is judged on their scale).
+TRIAL_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class UnitGraph:
     dependency_graph: tp.DependencyGraph | None = field(default=None, repr=False)  # torch-pruning's, for surgery
     module_macs: dict[str, int] = field(default_factory=dict)  # conv / linear module -> MACs for one sample
     reading_points: dict[str, list[Coupling]] = field(default_factory=dict)  # group -> readers of distinct tensors
+    excluded: dict[str, str] = field(default_factory=dict)  # root module of a group left unpruned -> why
 
     def __getitem__(self, key: str) -> UnitGroup:
         for group in self.groups:
@@ -153,20 +169,65 @@ class _TraceRecorder:
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph, traced in eval mode (the model's mode is restored afterwards)."""
+    """torch-pruning's dependency graph, traced in eval mode (the model's mode is restored afterwards).
+
+    torch-pruning 1.6 fails on some index mappings it cannot infer: it divides by zero on a reshape that splits
+    the channel dim (ShuffleNet's channel shuffle) and adds None on a concatenation of unknown sizes (Swin's patch
+    merging). The graph is then traced again with reshapes left unmapped and every other mapping that fails left
+    as the identity (`_guard_index_mapping`); the trial in `find_units` excludes the groups this leaves wrong."""
     was_training = model.training
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        try:
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        except (ZeroDivisionError, TypeError, IndexError):
+            graph = tp.DependencyGraph()
+            graph.mipp_unmapped_on_error = True
+            return graph.build_dependency(model, example_inputs=example_input)
     finally:
         model.train(was_training)
 
 
-def find_units(model: nn.Module, example_input: torch.Tensor | None = None) -> UnitGraph:
+def _guard_index_mapping() -> None:
+    """Let a graph marked `mipp_unmapped_on_error` skip torch-pruning's reshape index mappings and any other
+    mapping that raises, both when it is built and whenever a group is formed (torch-pruning recomputes the
+    mappings then). Other graphs are unaffected."""
+    mapping = tp.dependency.index_mapping
+    original = mapping.update_index_mapping
+    if getattr(original, "mipp_guard", False):
+        return
+    updates = {tp.ops.OPTYPE.CONCAT: mapping.update_concat_index_mapping,
+               tp.ops.OPTYPE.SPLIT: mapping.update_split_index_mapping,
+               tp.ops.OPTYPE.UNBIND: mapping.update_unbind_index_mapping,
+               tp.ops.OPTYPE.EXPAND: mapping.update_expand_index_mapping,
+               tp.ops.OPTYPE.SLICE: mapping.update_slice_index_mapping}
+
+    def guarded(graph):
+        if not getattr(graph, "mipp_unmapped_on_error", False):
+            return original(graph)
+        for node in graph.module2node.values():
+            update = updates.get(node.type)
+            if update is None:
+                continue
+            try:
+                update(graph, node)
+            except (ZeroDivisionError, TypeError, IndexError):
+                pass
+
+    guarded.mipp_guard = True
+    mapping.update_index_mapping = guarded
+
+
+_guard_index_mapping()
+
+
+def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, trial: bool = True) -> UnitGraph:
     """Find the prunable unit groups of `model`, ordered from the output back to the input.
 
     This is the one trace of a prune call: torch-pruning's forward pass, with hooks that also record the module
-    order, the MACs and the reading points, so that costs, capture and surgery never trace again."""
+    order, the MACs and the reading points, so that costs, capture and surgery never trace again. Groups that
+    cannot be pruned safely are excluded with a warning (see the module docstring); `trial=False` skips the trial
+    removal on the example input, and with it the exclusions only that trial finds."""
     example_input = example_input_for(model, example_input)
     recorder = _TraceRecorder(model)
     try:
@@ -179,23 +240,91 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None) -> U
     finally:
         recorder.close()
     names = {module: name for name, module in model.named_modules()}
-    groups, outputs = [], []
-    for tp_group in graph.get_all_groups(root_module_types=WEIGHTED_READERS):
+    parameter_names = {param: name for name, param in model.named_parameters()}
+    groups, outputs, excluded = [], [], {}
+    for root, tp_group in _all_groups(graph):
+        if isinstance(tp_group, Exception):
+            if root in names:
+                excluded[names[root]] = (f"torch-pruning cannot trace what its channels are coupled with "
+                                         f"({type(tp_group).__name__}: {str(tp_group).splitlines()[0][:100]})")
+                outputs.append(names[root])
+            continue
         group = _to_unit_group(tp_group, graph, names, recorder.order)
         if group is None:
+            continue
+        reason = _unmodelled_coupling(tp_group, names, parameter_names)
+        if reason:  # checked first: an LSTM or attention reading a group is a reader mipp cannot see
+            excluded[group.key] = reason
+            outputs.extend(group.producers)
             continue
         if not group.readers:  # nothing reads these channels: they are the network's output
             outputs.extend(group.producers)
             continue
         groups.append(group)
+    groups.sort(key=lambda g: (-g.position, g.key))
+    if trial and groups:
+        failed = _trial_exclusions(model, graph, groups, example_input, _unique(outputs))
+        excluded.update(failed)
+        outputs.extend(p for g in groups if g.key in failed for p in g.producers)
+        groups = [g for g in groups if g.key not in failed]
+    if excluded:
+        _warn_excluded(excluded)
     if not groups:
         raise ValueError(
             "found no prunable layer: mipp prunes Conv and Linear layers whose outputs feed another Conv/Linear "
             "layer; this model has none besides its output layer"
+            + (f" and the groups it leaves unpruned ({', '.join(sorted(excluded))})" if excluded else "")
         )
-    groups.sort(key=lambda g: (-g.position, g.key))
     points = {g.key: _distinct_reading_points(g, recorder.inputs) for g in groups}
-    return UnitGraph(groups, outputs, tuple(example_input.shape), recorder.order, graph, recorder.macs, points)
+    return UnitGraph(groups, _unique(outputs), tuple(example_input.shape), recorder.order, graph, recorder.macs,
+                     points, excluded)
+
+
+def _all_groups(graph: tp.DependencyGraph):
+    """(root module, torch-pruning group) for every Conv / Linear root not already in an earlier group, as
+    `DependencyGraph.get_all_groups` yields them, except that a root whose group torch-pruning fails to form (its
+    index mapping of an unusual split or reshape raises) comes with the exception instead of ending the trace."""
+    visited = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, WEIGHTED_READERS) or module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                            list(range(pruner.get_out_channels(module))))
+        except (IndexError, ValueError, ZeroDivisionError, RuntimeError) as err:
+            visited.add(module)
+            yield module, err
+            continue
+        visited.update(item.dep.target.module for item in group if graph.is_out_channel_pruning_fn(item.dep.handler))
+        yield module, group
+
+
+def _warn_excluded(excluded: dict[str, str]) -> None:
+    shown = "; ".join(f"{key} ({reason})" for key, reason in list(excluded.items())[:8])
+    more = f"; and {len(excluded) - 8} more" if len(excluded) > 8 else ""
+    warnings.warn(f"mipp leaves {len(excluded)} group(s) of coupled channels unpruned, because removing their "
+                  f"channels is not safe: {shown}{more}. The Plan records them in `excluded`.", stacklevel=3)
+
+
+def _unmodelled_coupling(tp_group, names, parameter_names) -> str | None:
+    """Why a group cannot be pruned, judged from the modules its channels touch; None when all are modelled."""
+    culprits = []
+    for item in tp_group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Parameter):
+            culprits.append(f"parameter {parameter_names.get(module, '?')!r} outside any layer")
+        elif module in names and _has_params(module) and not isinstance(module, MODELLED_COUPLINGS):
+            culprits.append(f"{type(module).__name__} {names[module]!r}")
+        elif module in names and _is_grouped(module):
+            culprits.append(f"grouped convolution {names[module]!r} (groups={module.groups})")
+    if not culprits:
+        return None
+    culprits = _unique(culprits)
+    listed = ", ".join(culprits[:3]) + (f" and {len(culprits) - 3} more" if len(culprits) > 3 else "")
+    return f"coupled with {listed}, whose channels mipp does not prune"
 
 
 def _distinct_reading_points(group: UnitGroup, inputs: dict[str, torch.Tensor]) -> list[Coupling]:
@@ -236,9 +365,185 @@ def _to_unit_group(tp_group, graph, names, order) -> UnitGroup | None:
     return UnitGroup(names[root_module], size, couplings, _unique(producers), _unique(readers), position)
 
 
+def _is_grouped(module: nn.Module) -> bool:
+    """A convolution with groups that is not depthwise: its groups must keep equal widths, which mipp does not
+    model (a depthwise one, each channel its own group, is pruned with the channels it reads)."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups == 1:
+        return False
+    return not module.groups == module.in_channels == module.out_channels
+
+
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
+
+
+@contextmanager
+def zeroed_units(model: nn.Module, groups: list[UnitGroup], removed: dict[str, torch.Tensor]):
+    """Within the block, every Conv / Linear reader of a group sees zeros in place of that group's `removed` units
+    (forward pre-hooks at the reading points): the model computes what the physically pruned one should."""
+    handles = []
+    for group in groups:
+        units = removed.get(group.key)
+        if units is None or len(units) == 0:
+            continue
+        for coupling in group.coupled("in"):
+            module = model.get_submodule(coupling.module_name)
+            if not isinstance(module, WEIGHTED_READERS):
+                continue
+            channels = coupling.index[torch.isin(coupling.unit, torch.as_tensor(units))]
+            handles.append(module.register_forward_pre_hook(_zero_channels(channels, isinstance(module, nn.Linear))))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _zero_channels(channels: torch.Tensor, channels_last: bool):
+    def hook(module, inputs):
+        x = inputs[0].clone()
+        if channels_last:  # a Linear reads its features from the last dim (tokens or positions before it)
+            x[..., channels.to(x.device)] = 0
+        else:
+            x[:, channels.to(x.device)] = 0
+        return (x, *inputs[1:])
+    return hook
+
+
+class _ModuleSnapshot:
+    """The attributes of every module of a model and of torch-pruning's graph, to undo a trial removal in place.
+
+    torch-pruning removes channels by assigning new tensors and sizes (never by writing into the old tensors), and
+    edits some lists in place (a concatenation's sizes), so copies of each module's attribute dict, one level deep
+    (its parameter and buffer dicts, lists, sets), bring the model back exactly."""
+
+    def __init__(self, model: nn.Module, graph: tp.DependencyGraph):
+        modules = list(model.modules()) + [m for m in graph.module2node if isinstance(m, nn.Module)]
+        self.saved = [(m, _one_level_copy(m.__dict__)) for m in modules]
+        self.graph, self.history = graph, len(graph._pruning_history)
+
+    def restore(self) -> None:
+        for module, attributes in self.saved:
+            module.__dict__.clear()
+            module.__dict__.update(_one_level_copy(attributes))
+        del self.graph._pruning_history[self.history:]
+
+
+def _one_level_copy(attributes: dict) -> dict:
+    return {key: copy.copy(value) if isinstance(value, (list, dict, set)) else value for key, value in attributes.items()}
+
+
+def _trial_exclusions(model: nn.Module, graph, groups: list[UnitGroup], example_input: torch.Tensor,
+                      watched: list[str]) -> dict[str, str]:
+    """Groups whose removal breaks the model: half of every group's units (seeded) are removed in place, the
+    pruned model's output on the example input, and the inputs of the `watched` modules (the output layers: a
+    classifier initialised to zero would hide every difference), are compared with the original's with those units
+    zeroed at their readers, and the model is restored. When they differ, halving the set of groups finds the ones
+    to blame."""
+    generator = torch.Generator().manual_seed(0)
+    removed = {g.key: torch.randperm(g.size, generator=generator)[: g.size // 2].sort().values for g in groups}
+    was_training = model.training
+    model.eval()
+    try:
+        def breaks(subset: list[UnitGroup]) -> str | None:
+            return _trial(model, graph, subset, {g.key: removed[g.key] for g in subset}, example_input, watched)
+
+        failed: dict[str, str] = {}
+
+        def blame(subset: list[UnitGroup], why: str) -> None:
+            if len(subset) == 1:
+                failed[subset[0].key] = why
+                return
+            half = len(subset) // 2
+            found = len(failed)
+            for part in (subset[:half], subset[half:]):
+                reason = breaks(part)
+                if reason:
+                    blame(part, reason)
+            if len(failed) == found:  # only the parts together break: leave them all out
+                failed.update({g.key: f"{why} (together with others of these groups)" for g in subset})
+
+        reason = breaks(groups)
+        if reason:
+            blame(groups, reason)
+            rest = [g for g in groups if g.key not in failed]
+            if rest and (reason := breaks(rest)):
+                failed.update({g.key: reason for g in rest})
+        return failed
+    finally:
+        model.train(was_training)
+
+
+def _trial(model, graph, groups: list[UnitGroup], removed: dict[str, torch.Tensor], x: torch.Tensor,
+           watched: list[str]) -> str | None:
+    """Remove `removed` in place, run, compare with the masked original, restore; returns what went wrong or None."""
+    removed = {key: units for key, units in removed.items() if len(units)}
+    if not removed:
+        return None
+    with torch.no_grad(), zeroed_units(model, groups, removed), _inputs_of(model, watched) as masked_inputs:
+        expected = {"the output": _first_tensor(model(x))}
+    snapshot = _ModuleSnapshot(model, graph)
+    try:
+        for key, units in removed.items():
+            root = model.get_submodule(key)
+            prune_out = graph.get_pruner_of_module(root).prune_out_channels
+            graph.get_pruning_group(root, prune_out, units.tolist()).prune()
+        with torch.no_grad(), _inputs_of(model, watched) as pruned_inputs:
+            got = {"the output": _first_tensor(model(x))}
+    except Exception as err:  # any failure of the pruned model is a reason to exclude, not to crash
+        return f"the model fails once its channels are removed ({type(err).__name__}: {str(err).splitlines()[0]})"
+    finally:
+        snapshot.restore()
+    for name, value in masked_inputs.items():
+        if name in pruned_inputs:
+            expected[f"the input of {name!r}"] = _drop_removed(model, name, value, groups, removed)
+            got[f"the input of {name!r}"] = pruned_inputs[name]
+    for what, reference in expected.items():
+        if got[what].shape != reference.shape:
+            return f"removing its channels changes the shape of {what} from {tuple(reference.shape)} to " \
+                   f"{tuple(got[what].shape)}"
+        error, scale = float((got[what] - reference).abs().max()), float(reference.abs().max())
+        if not error <= TRIAL_TOLERANCE * scale + 1e-12:
+            return (f"removing its channels changes {what} beyond zeroing them (largest difference {error:.3g} for "
+                    f"values up to {scale:.3g}): a coupling mipp does not see, such as a reshape or a norm")
+    return None
+
+
+@contextmanager
+def _inputs_of(model: nn.Module, names: list[str]):
+    """Within the block, the first input each named module receives (name -> tensor, filled as they run)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def remember(module, inputs, name=name):
+            if isinstance(inputs[0], torch.Tensor):
+                seen.setdefault(name, inputs[0].detach().float())
+        handles.append(model.get_submodule(name).register_forward_pre_hook(remember))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _drop_removed(model, name: str, value: torch.Tensor, groups, removed) -> torch.Tensor:
+    """A masked module input without the channels that the pruned model no longer has."""
+    drop = [c.index[torch.isin(c.unit, removed[g.key])] for g in groups if g.key in removed
+            for c in g.coupled("in") if c.module_name == name]
+    if not drop:
+        return value
+    dim = value.dim() - 1 if isinstance(model.get_submodule(name), nn.Linear) else 1
+    keep = torch.ones(value.shape[dim], dtype=torch.bool)
+    keep[torch.cat(drop)] = False
+    return value.index_select(dim, keep.nonzero().flatten())
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """The model's output tensor (the first one when a model returns a tuple or a dict of them)."""
+    while not isinstance(output, torch.Tensor):
+        output = next(iter(output.values())) if isinstance(output, dict) else output[0]
+    return output.detach().float()

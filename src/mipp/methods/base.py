@@ -66,9 +66,12 @@ class PruneContext:
     def check_reachable(self, budget: Budget) -> None:
         limit = self.max_removable(budget.metric)
         if budget.fraction > limit + 1e-9:
+            left = (f" ({len(self.units.excluded)} groups mipp cannot prune safely stay whole: "
+                    f"{', '.join(list(self.units.excluded)[:3])}{', ...' if len(self.units.excluded) > 3 else ''})"
+                    if self.units.excluded else "")
             raise ValueError(
                 f"budget {budget} is unreachable: with every group at its minimum width ({self.min_units}) at most "
-                f"{100 * limit:.1f}% of {budget.metric} can be removed; lower the budget or min_units"
+                f"{100 * limit:.1f}% of {budget.metric} can be removed{left}; lower the budget or min_units"
             )
 
 
@@ -165,6 +168,7 @@ def finish_plan(ctx: PruneContext, kept: dict[str, list[int]], method: str, sett
         example_shape=list(ctx.example_input.shape),
         decisions=decisions or {},
         guard_hits=guard_hits,
+        excluded=dict(ctx.units.excluded),
     )
     plan.stats = {**ctx.cost.plan_stats(plan), **(stats or {})}
     return plan

@@ -204,7 +204,11 @@ def cholesky(a: torch.Tensor) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(a + eye * scale * 10.0**power)
         if not bool((info != 0).any()):
             return L
-    raise ValueError("covariance is not positive definite even with jitter; increase `ridge` / `floor`")
+    # Last resort, rounding beyond any jitter (near-singular statistics): the nearest matrix whose eigenvalues are at
+    # least 1e-9 of the largest, so an estimate never fails on numerics alone.
+    values, vectors = torch.linalg.eigh(0.5 * (a + a.transpose(-1, -2)))
+    values = values.clamp_min(1e-9 * values.abs().amax(-1, keepdim=True).clamp_min(1e-300))
+    return torch.linalg.cholesky((vectors * values.unsqueeze(-2)) @ vectors.transpose(-1, -2))
 
 
 def logdet(a: torch.Tensor) -> torch.Tensor:
@@ -377,7 +381,10 @@ class GaussianEstimator(CMIEstimator):
             raise ValueError(
                 f"moments have {moments.dim} columns; expected the {width} unit features followed by the target"
             )
-        cov = self.joint_covariance(moments, range(width), range(width, moments.dim))
+        ridge = rank_deficient_ridge(moments.count, width, self.ridge)
+        cov = regularise(moments.covariance(), [(list(range(width)), ridge),
+                                                (list(range(width, moments.dim)), self.target_ridge)],
+                         self.floor, self.ridge_scale)
         return GaussianLayerSession(cov, n_units, features_per_unit, moments.count, confidence, self.refresh_every)
 
     def _joint_moments(self, x, y, z):
@@ -397,6 +404,21 @@ class GaussianEstimator(CMIEstimator):
 
 
 use_for_variance_shares(GaussianEstimator)
+
+
+def rank_deficient_ridge(n_samples: int, n_features: int, ridge: float) -> float:
+    """The source ridge of a layer session: `ridge`, unless the units have at least as many features as samples.
+
+    Then their covariance is singular (rank at most n - 1), every target is explained exactly in sample, and with a
+    tiny ridge the residual covariance is lost to rounding. The estimator shrinks the units' correlation matrix
+    towards the identity with the intensity lambda = d / (d + n) instead, i.e. a relative ridge of d / n (d unit
+    features, n samples). Effect: the units are treated as more independent than the sample says, so a unit's
+    transfer entropy given the others is closer to its plain MI with the target and fewer units look redundant;
+    the decisions are those of a regularised model, and `mipp` warns that at least 2 d samples are needed for
+    reliable ones."""
+    if n_features < n_samples - 1:
+        return ridge
+    return max(ridge, n_features / n_samples)
 
 
 def chi2_p_value(phi: float, n_samples: int, dof: int) -> float:
