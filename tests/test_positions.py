@@ -144,9 +144,10 @@ def test_reconstruction_reuses_the_selection_moments():
     finally:
         handle.remove()
     assert plan.stats["readers_refitted"] >= 1
-    # the copy's trace, the capture, the surgery check (masked original, pruned); no pass for the re-fit (the hooks
-    # are copied with the model); features="mean" takes one more (its reconstruction pass)
-    assert len(calls) == 4
+    # the copy's trace and its trial removal (masked original, pruned), the capture, the surgery check (masked
+    # original, pruned); no pass for the re-fit (the hooks are copied with the model); features="mean" takes one
+    # more (its reconstruction pass)
+    assert len(calls) == 6
 
 
 def mipp_prune(*args, **kwargs):

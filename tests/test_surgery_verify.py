@@ -243,18 +243,24 @@ def test_surgery_is_exact_on_depthwise_concatenated_gated_prelu_and_1d_layers(na
         assert relative_difference(pruned(x), masked(x)) < 1e-5  # mask_model's weight masking agrees
 
 
-def test_a_grouped_convolution_reader_is_refused_before_the_model_changes():
-    model, x, units, plan = random_layers(
-        lambda: nn.Sequential(*conv_bn_relu(3, 16), *conv_bn_relu(16, 32, 3, 4), *head(32)), (4, 3, 16, 16))
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"grouped convolution '3' \(groups=4\).*keep every unit of '0'"):
-        apply_plan(model, plan, x, units=units)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+def test_a_grouped_convolution_reader_leaves_its_group_unpruned():
+    """find_units excludes a group read by a grouped convolution (each output reads only its own group of inputs),
+    before any plan can remove part of it; with nothing else to prune, it says so and names the groups."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*conv_bn_relu(3, 16), *conv_bn_relu(16, 32, 3, 4), *head(32)).eval()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"groups it leaves unpruned \(0, 3\)"):
+        find_units(model, torch.randn(4, 3, 16, 16))
 
 
-def test_a_norm_across_channels_makes_removal_differ_from_zeroing_and_is_named():
-    model, x, units, plan = random_layers(
-        lambda: nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
-                              nn.Linear(12, 3)), (4, 10))
-    with pytest.raises(SurgeryError, match=r"starts at layer '1'.*normalises across channels"):
-        apply_plan(model, plan, x, units=units)
+def test_a_norm_across_channels_leaves_its_group_unpruned():
+    """A LayerNorm over the units normalises the kept ones with statistics that included the removed ones: removal
+    would differ from zeroing, so the group is excluded up front (named), and the rest prunes exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 3)).eval()
+    x = torch.randn(4, 10)
+    with pytest.warns(UserWarning, match=r"unpruned.*: 0 \(coupled with LayerNorm '1'"):
+        units = find_units(model, x)
+    assert "0" in units.excluded and "0" not in {g.key for g in units.groups}
+    plan = random_plan(units, x, keep=0.5)
+    apply_plan(model, plan, x, units=units)  # checked inside against the masked original
