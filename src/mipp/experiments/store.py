@@ -98,8 +98,8 @@ class ResultStore:
         metrics = {"test_accuracy": evaluate(model, test_set)["accuracy"], "params": count_params(model),
                    "train_seconds": result["seconds"], "wall_seconds": time.perf_counter() - started,
                    "history": result["history"], "identity": run.base_identity()}
+        atomic_write_json(folder / "base.json", metrics)  # before model.pt, which marks the base model finished
         save_model(folder / "model.pt", model, metrics=metrics)
-        atomic_write_json(folder / "base.json", metrics)
         return model, metrics
 
     # ------------------------------------------------------------------------------------------ sweep log
@@ -113,8 +113,10 @@ class ResultStore:
         line = {"config": str(path.relative_to(self.root)), "argv": argv, "counts": counts,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "sweeps.jsonl", "a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        path = self.root / "sweeps.jsonl"
+        cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        with open(path, "a") as handle:
+            handle.write(("\n" if cut else "") + json.dumps(line) + "\n")  # end a line cut by a kill first
         return path
 
     def sweeps(self) -> list[dict]:
@@ -136,7 +138,7 @@ def is_finished(record: RunRecord | None, budgets, retry_failed: bool = False) -
         return False
     if record.status == "skipped" or (record.status == "failed" and not retry_failed):
         return True
-    if record.status not in ("done", "partial"):
+    if record.status != "done":  # a partial record may hold every budget: killed before it was stamped done
         return False
     return all(str(b) in (record.finetune or {}) for b in budgets)
 
