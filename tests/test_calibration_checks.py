@@ -137,10 +137,10 @@ class PairedRows(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.hidden, self.act, self.head = nn.Linear(12, 8), nn.ReLU(), nn.Linear(16, 3)
+        self.front, self.hidden, self.act, self.head = nn.Linear(12, 12), nn.Linear(12, 8), nn.ReLU(), nn.Linear(16, 3)
 
-    def forward(self, x):
-        return self.head(self.act(self.hidden(x)).reshape(-1, 16))
+    def forward(self, x):  # the reshape couples rows, so find_units leaves `hidden` unpruned; `front` is prunable
+        return self.head(self.act(self.hidden(self.act(self.front(x)))).reshape(-1, 16))
 
 
 def test_a_forward_that_fails_inside_the_model_is_re_raised_with_the_shapes():
