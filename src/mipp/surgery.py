@@ -56,6 +56,7 @@ def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None 
     check_plan_matches(plan, units)
     check_trace_is_current(model, units)
     check_plan_supported(model, plan, units)
+    check_no_layer_emptied(model, plan, units)
     removes_any = any(plan.removed(key) for key in plan.kept)
     reference = None
     if verify and removes_any:
@@ -95,6 +96,39 @@ def check_plan_supported(model: nn.Module, plan: Plan, units: UnitGraph) -> None
                     f"group {key!r} is read by the grouped convolution {coupling.module_name!r} (groups="
                     f"{module.groups}): removing some of its input channels would leave its groups unequal, which "
                     f"no convolution can hold; keep every unit of {key!r} (or replace the grouped convolution)")
+
+
+def check_no_layer_emptied(model: nn.Module, plan: Plan, units: UnitGraph) -> None:
+    """A group may span several layers, each holding some of its units (the branches of a concatenation that a
+    residual addition joins): a plan keeping units of the group may still remove every channel of one of them, which
+    would leave a zero-width layer. Refused before the model changes."""
+    removed: dict[tuple[str, str], set[int]] = {}
+    for group in units.groups:
+        if group.key not in plan.kept:
+            continue
+        gone = torch.tensor(plan.removed(group.key), dtype=torch.long)
+        for coupling in group.couplings:
+            channels = coupling.index[torch.isin(coupling.unit, gone)].tolist()
+            removed.setdefault((coupling.module_name, coupling.kind), set()).update(channels)
+            module = model.get_submodule(coupling.module_name)
+            width = _channels(module, coupling.kind)
+            if width is not None and len(removed[coupling.module_name, coupling.kind]) >= width:
+                raise ValueError(
+                    f"the plan removes every {'output' if coupling.kind == 'out' else 'input'} channel of "
+                    f"{coupling.module_name!r} (it holds only some of the units of group {group.key!r}, e.g. one "
+                    "branch of a concatenation joined by a residual addition): a layer cannot shrink to zero width; "
+                    "lower the budget, or keep at least one of that layer's units"
+                )
+
+
+def _channels(module: nn.Module, kind: str) -> int | None:
+    """Output ("out") or input ("in") channels of a conv, linear or batch-norm layer; None for other modules."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        weight = module.weight
+        return weight.shape[0] if kind == "out" else (weight.shape[1] * getattr(module, "groups", 1))
+    if isinstance(module, nn.modules.batchnorm._NormBase) and kind == "out":
+        return module.num_features
+    return None
 
 
 def check_trace_is_current(model: nn.Module, units: UnitGraph) -> None:

@@ -10,7 +10,9 @@ copied into every Plan): a group coupled with a module whose channel coupling mi
 recurrent layers, layer or group norm over the channels, a bare parameter such as a class token), found from the
 trace; and a group whose physical removal does not compute what zeroing its units at their readers computes, found
 by a trial on the example input (`_trial_exclusions`): channel shuffles, reshapes into heads and any other
-coupling hidden in plain tensor code.
+coupling hidden in plain tensor code. Some couplings are recognised from the graph before any trial (`_unprunable`:
+additions onto the input, grouped convolutions, reshapes between layers of different extent, concatenations
+flattened or holding a channel twice).
 """
 from __future__ import annotations
 
@@ -140,6 +142,7 @@ class _TraceRecorder:
         self.order: dict[str, int] = {}
         self.macs: dict[str, int] = {}
         self.inputs: dict[str, torch.Tensor] = {}
+        self.extent: dict[str, int] = {}  # conv / linear module -> output values per channel (positions)
         self.handles = []
         for name, module in model.named_modules():
             if name and not list(module.children()):
@@ -161,6 +164,8 @@ class _TraceRecorder:
     def _macs_hook(self, name):
         def record(module, inputs, output):
             self.macs[name] = self.macs.get(name, 0) + layer_macs(module, output)
+            channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
+            self.extent.setdefault(name, output[0].numel() // max(channels, 1))
         return record
 
     def close(self) -> None:
@@ -229,17 +234,11 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, t
     cannot be pruned safely are excluded with a warning (see the module docstring); `trial=False` skips the trial
     removal on the example input, and with it the exclusions only that trial finds."""
     example_input = example_input_for(model, example_input)
-    recorder = _TraceRecorder(model)
-    try:
-        graph = build_dependency_graph(model, example_input)
-    except RuntimeError as err:  # a shape mismatch deep inside the model
-        raise ValueError(
-            f"the model does not run on an example input of shape {tuple(example_input.shape)} "
-            f"({str(err).splitlines()[0]}): pass example_input= a batch of the inputs the model takes"
-        ) from err
-    finally:
-        recorder.close()
+    graph, recorder, traced = _trace(model, example_input)
     names = {module: name for name, module in model.named_modules()}
+    anchored = _ops_on_the_input(graph, traced)
+    duplicating = _duplicating_concats(graph)
+    _refuse_grouping_that_never_ends(graph, duplicating, names)
     parameter_names = {param: name for name, param in model.named_parameters()}
     groups, outputs, excluded = [], [], {}
     for root, tp_group in _all_groups(graph):
@@ -259,6 +258,11 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, t
             continue
         if not group.readers:  # nothing reads these channels: they are the network's output
             outputs.extend(group.producers)
+            continue
+        reason = _unprunable(tp_group, group, anchored, duplicating, recorder.extent, model)
+        if reason:  # its width is tied to something mipp cannot change with it
+            excluded[group.key] = reason
+            outputs.extend(group.producers)  # kept whole, like an output: its producers still serve as targets
             continue
         groups.append(group)
     groups.sort(key=lambda g: (-g.position, g.key))
@@ -325,6 +329,146 @@ def _unmodelled_coupling(tp_group, names, parameter_names) -> str | None:
     culprits = _unique(culprits)
     listed = ", ".join(culprits[:3]) + (f" and {len(culprits) - 3} more" if len(culprits) > 3 else "")
     return f"coupled with {listed}, whose channels mipp does not prune"
+
+
+def _trace(model: nn.Module, example_input: torch.Tensor):
+    """(dependency graph, recorder, the input it was traced with). The input first requires grad, so that the trace
+    shows where the input itself enters an operation (see `_ops_on_the_input`); where torch-pruning cannot size such
+    operations (a concatenation of a pooled input), the model is traced again as given, and additions onto the
+    input then go unseen."""
+    tries = [example_input.detach().requires_grad_(True)] if example_input.is_floating_point() else []
+    for traced in tries + [example_input]:
+        recorder = _TraceRecorder(model)
+        try:
+            return build_dependency_graph(model, traced), recorder, traced
+        except RuntimeError as err:  # a shape mismatch deep inside the model
+            raise ValueError(
+                f"the model does not run on an example input of shape {tuple(example_input.shape)} "
+                f"({str(err).splitlines()[0]}): pass example_input= a batch of the inputs the model takes"
+            ) from err
+        except (TypeError, ZeroDivisionError, IndexError, KeyError) as err:  # torch-pruning's channel mapping
+            failure = err
+        finally:
+            recorder.close()
+    raise ValueError(
+        f"torch-pruning could not work out which channels of this model are coupled ({type(failure).__name__}: "
+        f"{str(failure).splitlines()[0] if str(failure) else 'no message'}), so mipp cannot prune it as it is"
+    ) from failure
+
+
+def _unprunable(tp_group, group: UnitGroup, anchored: set, duplicating: set, extent: dict[str, int],
+                model: nn.Module) -> str | None:
+    """Why a group cannot be pruned, or None: it shares channels with the model's input (a residual addition onto
+    the input); a grouped convolution produces or reads it (its groups must keep equal widths; a depthwise one,
+    each channel its own group, is pruned with the channels it reads); or a reshape joins layers of different
+    extent (a conv's output, flattened, added to a Linear's: a channel there is several units here, and
+    torch-pruning maps them one to several or only partly); or a concatenation is flattened into a Linear
+    (torch-pruning 1.6 maps every branch to the first features of the Linear); or a concatenation holds some of
+    its channels twice (see `_duplicating_concats`) and the group has a unit per position of it, so that one
+    channel would be two units (a group with a unit per channel, as in cat([y, depthwise(y)]), is fine)."""
+    touching = _unique([item.dep.target.name or str(item.dep.target.module) for item in tp_group
+                        if item.dep.target in anchored])
+    if touching:
+        return f"shares channels with the model's input (through {', '.join(touching)}), whose width cannot change"
+    for node in {item.dep.target for item in tp_group} & duplicating:
+        sizes = node.module.concat_sizes or [None]
+        if None in sizes or group.size >= sum(sizes):  # a unit per position: a channel held twice is two units
+            return "reaches a concatenation that holds some of its channels twice (e.g. cat([y, y + f(y)]))"
+    for coupling in group.couplings:
+        module = model.get_submodule(coupling.module_name)
+        if _is_grouped(module):
+            return f"is coupled with the grouped convolution {coupling.module_name!r} (groups={module.groups})"
+    extents = {extent[p] for p in group.producers if p in extent}
+    shared = [c.module_name for c in group.couplings if len(set(c.index.tolist())) < len(c.index)]
+    if len(extents) > 1 or shared:  # e.g. a conv's output, flattened, added to a Linear's
+        return (f"joins layers of different extent ({', '.join(group.producers)}) through a reshape: one channel "
+                "of a conv there is several units here, which mipp does not remove one by one")
+    flattened = [c.module_name for c in group.coupled("in") if len(c.index) > len(set(c.unit.tolist()))]
+    if flattened and any(isinstance(item.dep.target.module, tp.ops._ConcatOp) for item in tp_group):
+        return (f"is concatenated and then flattened into {', '.join(_unique(flattened))}: torch-pruning loses the "
+                "concatenation's offsets through the flatten")
+    return None
+
+
+def _is_grouped(module) -> bool:
+    """A convolution with groups that is not depthwise (each channel its own group): its groups keep equal widths."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not (
+        module.groups == module.in_channels == module.out_channels)
+
+
+def _consumes(module) -> bool:
+    """A dense Conv / Linear layer: its output channels are new ones, not those of its input."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1)
+
+
+def _duplicating_concats(graph: tp.DependencyGraph) -> set:
+    """Concatenations that hold some layer's channels twice (cat([y, y + f(y)]), cat([y, bn(y)])): one channel is
+    then two units, which torch-pruning maps to only one of them. Found by following each operand back to the dense
+    layers (or the input) its channels come from."""
+    def sources(node) -> set:
+        found, stack, seen = set(), [node], set()
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if _consumes(current.module) or not current.inputs:
+                found.add(current)
+            else:
+                stack.extend(current.inputs)
+        return found
+
+    duplicating = set()
+    for node in graph.module2node.values():
+        if isinstance(node.module, tp.ops._ConcatOp):
+            seen = set()
+            for operand in node.inputs:
+                mine = sources(operand)
+                if mine & seen:
+                    duplicating.add(node)
+                seen |= mine
+    return duplicating
+
+
+def _refuse_grouping_that_never_ends(graph: tp.DependencyGraph, duplicating: set, names: dict) -> None:
+    """torch-pruning 1.6 never finishes grouping a grouped convolution that reads a concatenation holding some
+    channels twice (its index lists grow without end): refuse such a model before asking it for groups."""
+    for node in graph.module2node.values():
+        module = node.module
+        if not _is_grouped(module):
+            continue
+        stack, seen = list(node.inputs), set()
+        while stack:
+            current = stack.pop()
+            if current in seen or _consumes(current.module):
+                continue
+            seen.add(current)
+            if current in duplicating:
+                raise ValueError(
+                    f"the grouped convolution {names.get(module, '?')!r} (groups={module.groups}) reads a "
+                    "concatenation that holds some channels twice; torch-pruning 1.6 does not finish grouping such "
+                    "a model, so mipp cannot prune it: make the concatenation's branches distinct layers"
+                )
+            stack.extend(current.inputs)
+
+
+def _ops_on_the_input(graph: tp.DependencyGraph, example_input: torch.Tensor) -> set:
+    """Nodes of the trace whose channels are the input's own channels: operations on the input (an addition, a
+    concatenation, a reshape, a norm or a depthwise convolution of it) and everything such channels flow into
+    before a dense Conv / Linear consumes them. A group that reaches one of them cannot change its width. The trace's
+    input requires grad, so autograd names it as an operand."""
+    def reads_input(node) -> bool:
+        functions = getattr(node.grad_fn, "next_functions", ()) if node.grad_fn is not None else ()
+        return any(getattr(f, "variable", None) is example_input for f, _ in functions if f is not None)
+
+    stack = [node for node in graph.module2node.values() if not _consumes(node.module) and reads_input(node)]
+    tied = set()
+    while stack:
+        node = stack.pop()
+        if node not in tied:
+            tied.add(node)
+            stack.extend(n for n in node.outputs if not _consumes(n.module))
+    return tied
 
 
 def _distinct_reading_points(group: UnitGroup, inputs: dict[str, torch.Tensor]) -> list[Coupling]:
