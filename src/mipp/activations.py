@@ -246,22 +246,9 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
     points = units.reading_points
     collected: dict[str, list[torch.Tensor]] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
-    was_training = model.training
-    model.eval()
     handles = _register(model, units, points, pool, collected, outputs)
-    bar = Progress(n_samples, "capture", "sample", leave=False)
-    try:
-        n_batches = 0
-        for batch in calibration_batches(data, n_samples, batch_size, seed):
-            with torch.no_grad():
-                run_on_batch(model, batch.to(device), units.example_shape)
-            n_batches += 1
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    n_batches = calibration_pass(model, data, handles, "capture", units.example_shape, n_samples=n_samples,
+                                 batch_size=batch_size, seed=seed, device=device)
     if n_batches == 0:
         raise ValueError("the calibration data is empty: pass at least a few hundred samples")
     acts = Activations(
@@ -287,6 +274,29 @@ def run_on_batch(model: nn.Module, batch: torch.Tensor, example_shape: tuple | N
             f"the model fails on a calibration batch of shape {tuple(batch.shape)}, dtype "
             f"{str(batch.dtype).replace('torch.', '')} ({str(err).splitlines()[0]}){traced}: pass inputs of the "
             "shape and dtype the model takes (the example input's, per sample)") from err
+
+
+def calibration_pass(model: nn.Module, data, handles: list, description: str, example_shape=None, *,
+                     n_samples: int, batch_size: int = 256, seed: int = 0, device=None) -> int:
+    """Run the calibration batches through `model` in eval mode without gradients, with a progress bar, so that
+    the forward `handles` (hooks) collect what they need; removes the handles and restores the model's mode after,
+    whatever happens. Returns the number of batches."""
+    was_training = model.training
+    model.eval()
+    bar = Progress(n_samples, description, "sample", leave=False)
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for batch in calibration_batches(data, n_samples, batch_size, seed):
+                run_on_batch(model, batch.to(device), example_shape)
+                n_batches += 1
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return n_batches
 
 
 def _register(model, units, points, pool, collected, outputs):

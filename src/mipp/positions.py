@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mipp.activations import calibration_batches, run_on_batch
-from mipp.progress import Progress
+from mipp.activations import calibration_pass
 from mipp.mi.gaussian import GaussianMoments
 from mipp.units import Coupling, UnitGraph
 
@@ -132,19 +131,8 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
                                   columns, kernel)
             collected[group.key].append(stats)
             handles.append(module.register_forward_hook(_accumulate(stats, columns, generator, positions_per_image)))
-    was_training = model.training
-    model.eval()
-    bar = Progress(n_samples, "capture (positions)", "sample", leave=False)
-    try:
-        with torch.no_grad():
-            for batch in calibration_batches(data, n_samples, batch_size, seed):
-                run_on_batch(model, batch.to(device), units.example_shape)
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
+                     batch_size=batch_size, seed=seed, device=device)
     for stats in (s for readers in collected.values() for s in readers):
         if stats.images == 0:
             raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
