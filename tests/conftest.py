@@ -1,6 +1,12 @@
 """Shared fixtures: tiny models at small widths, so the default suite stays fast on 2 cores."""
-import pytest
-import torch
+import os
+
+# Set before torch is imported, and read by the CLI's configure_threads: without it, a CLI run inside a test picks
+# its threads from the machine's load, so two runs that must agree bit for bit could use different thread counts.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mipp.models import build_model
 
