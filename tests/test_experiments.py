@@ -12,7 +12,7 @@ import torch
 from mipp.data import ArrayDataset, deformed
 from mipp.experiments import figures, report, statistics, tables
 from mipp.experiments.config import SweepConfig, expand
-from mipp.experiments.record import RunRecord
+from mipp.experiments.record import WITHOUT_RECONSTRUCTION, RunRecord
 from mipp.experiments.runner import Runner, run_sweep
 from mipp.experiments.store import ResultStore, stable_view
 
@@ -418,7 +418,14 @@ def test_repaired_sweep_reconstructs_every_method_apart_from_plain_runs(full_swe
     from mipp.plan import Plan
 
     again = runner.scores(pruned_copy(spec, splits, base, Plan.from_dict(record.plan)), splits)
-    assert again == record.pruned
+    without = record.pruned.pop(WITHOUT_RECONSTRUCTION)
+    assert again == record.pruned and record.finetune["0"] == record.pruned
+    # the same units without the re-fit are recorded too, and reported as their own stage
+    plain_copy = pruned_copy(spec, splits, base, Plan.from_dict(record.plan), reconstruct=False)
+    assert runner.scores(plain_copy, splits) == without
+    record.pruned[WITHOUT_RECONSTRUCTION] = without
+    assert record.accuracy("norec") == without["test_accuracy"]
+    assert "norec" in statistics.stage_names(records)
 
 
 def test_one_model_label_from_two_stores_is_reported_apart():

@@ -118,3 +118,42 @@ def test_a_search_left_short_is_topped_up_with_the_cheapest_information():
     for key, units in result.kept.items():
         removed = sorted(set(range(len(decisions[key]))) - set(units))
         assert removed == list(range(len(removed)))
+
+
+def test_a_search_left_past_the_budget_gives_back_the_most_informative_units():
+    """Where the closest sweep removed more than the budget (one coarse channel weighs several % of the MACs),
+    removed units with the most variance share per cost are restored until the budget is met."""
+    from mipp.methods.base import Budget
+    from mipp.methods.mipp import SweepResult, _give_back
+
+    model = small_model("lenet5")
+    data = inputs_for(model, N_CAL, rank=8)
+    ctx = make_context(model, data, n_samples=N_CAL)
+    costs = unit_costs(ctx, "macs")
+    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
+    decisions = {g.key: [UnitDecision(unit=i, kept=True) for i in range(g.size)] for g in ctx.units.groups}
+    shares = {g.key: {} for g in ctx.units.groups}
+
+    def remove(key, unit):
+        kept[key].remove(unit)
+        decisions[key][unit].kept = False
+        shares[key][unit] = 0.01 * (unit + 1)
+
+    for key, count in (("features.0", 2), ("features.3", 6)):  # coarse channels, several % of the MACs each
+        for unit in range(count):
+            remove(key, unit)
+    while ctx.cost.fractions_removed(kept)["macs"] < 0.56:  # past the budget by some fine units' worth
+        remove("classifier.0", kept["classifier.0"][0])  # a fully connected unit weighs about 0.1% of the MACs
+    result = SweepResult(kept, decisions, {k: sum(v.values()) for k, v in shares.items()}, {}, shares)
+    removed_before = {k: set(v) for k, v in shares.items()}
+    budget = Budget(0.5, "macs")
+    assert ctx.cost.fractions_removed(result.kept)["macs"] > 0.5 + budget.tolerance
+    restored = _give_back(ctx, result, costs, budget)
+    reached = ctx.cost.fractions_removed(result.kept)["macs"]
+    assert abs(reached - 0.5) <= budget.tolerance and restored > 0
+    back = {key: removed_before[key] & set(units) for key, units in result.kept.items()}
+    assert restored == sum(len(b) for b in back.values())
+    for key, units in result.kept.items():
+        assert units == sorted(units) and [u for u, d in enumerate(decisions[key]) if d.kept] == units
+        # within a group, the highest shares among the removed units are the ones restored
+        assert all(u > v for u in back[key] for v in removed_before[key] - back[key])

@@ -126,7 +126,7 @@ def plot_finetune(summary, stages, targets: dict, path: Path) -> None:
     looks = looks_of({e["method"] for e in summary})
     fig, axes = plt.subplots(1, max(1, len(regimes)), figsize=(5.5 * max(1, len(regimes)), 3.8), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
-        mine = present([e for e in summary if e["regime"] == regime], stages)
+        mine = [s for s in present([e for e in summary if e["regime"] == regime], stages) if s != "norec"]
         epochs = [0 if s == "pruned" else int(s[2:]) for s in mine]
         for e in summary:
             if e["regime"] == regime and (e["metric"], e["target"]) == targets[regime]:

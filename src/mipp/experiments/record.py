@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 RECORD_FORMAT = "mipp-run/1"
+# key in `pruned` of the accuracies right after pruning without reconstruction (recorded when a sweep reconstructs)
+WITHOUT_RECONSTRUCTION = "without_reconstruction"
 HEADER = ("format", "run_id", "status", "reason", "model", "data", "method", "method_name", "regime", "target",
           "metric", "seed", "config", "versions")
 
@@ -69,8 +71,12 @@ class RunRecord:
                 if f.name in HEADER or getattr(self, f.name) is not None}
 
     def accuracy(self, stage: str, key: str = "test_accuracy") -> float:
-        """Accuracy at `stage` ("pruned", or "ft<b>" after b epochs), NaN where the run has no such budget."""
-        entry = self.pruned if stage == "pruned" else self.finetune.get(stage[2:])
+        """Accuracy at `stage` ("pruned", "norec": right after pruning without reconstruction, or "ft<b>" after b
+        epochs), NaN where the run has no such stage."""
+        if stage == "norec":
+            entry = (self.pruned or {}).get(WITHOUT_RECONSTRUCTION)
+        else:
+            entry = self.pruned if stage == "pruned" else self.finetune.get(stage[2:])
         return math.nan if entry is None else entry[key]
 
     def budgets(self) -> list[int]:

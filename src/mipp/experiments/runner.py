@@ -29,7 +29,7 @@ import torch
 
 from mipp.experiments.config import RunSpec, SweepConfig, expand, repair_label
 from mipp.experiments.memory import PeakMemory
-from mipp.experiments.record import RunRecord
+from mipp.experiments.record import WITHOUT_RECONSTRUCTION, RunRecord
 from mipp.experiments.store import ResultStore, is_finished
 from mipp.io import derived_seed, run_versions, stable_hash
 from mipp.plan import Plan
@@ -199,6 +199,9 @@ class Runner:
         repair_seconds = time.perf_counter() - started
         started = time.perf_counter()
         scores = self.scores(pruned, splits)
+        if run.settings.get("reconstruct"):  # the same units without the re-fit: the choice judged on its own
+            scores[WITHOUT_RECONSTRUCTION] = self.scores(pruned_copy(run, splits, base, plan, reconstruct=False),
+                                                         splits)
         record = header(run, "partial")
         record.base = {"test_accuracy": base_metrics["test_accuracy"], "params": count_params(base),
                        "macs": count_macs(base, splits.example),
@@ -213,7 +216,8 @@ class Runner:
         record.selection = {"seconds": seconds, "peak_rss_mb": memory.peak_mb, "cuda_peak_mb": memory.cuda_peak_mb,
                             "method_stats": {k: v for k, v in plan.stats.items()
                                              if not k.startswith(("units", "params", "macs"))}}
-        record.pruned, record.finetune = scores, {"0": dict(scores)}
+        record.pruned = scores
+        record.finetune = {"0": {k: v for k, v in scores.items() if k != WITHOUT_RECONSTRUCTION}}
         record.timings = {"selection_seconds": seconds, "evaluate_seconds": time.perf_counter() - started,
                           "base_train_seconds": base_metrics.get("train_seconds")}
         if repair_label(run.settings):
@@ -260,15 +264,17 @@ def own_split(entry, seed: int, split: str, spec: dict):
     return ArrayDataset(inputs, labels, name=spec["name"], split=split, classes=classes)
 
 
-def pruned_copy(run: RunSpec, splits: Splits, base: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+def pruned_copy(run: RunSpec, splits: Splits, base: torch.nn.Module, plan: Plan,
+                reconstruct: bool | None = None) -> torch.nn.Module:
     """A copy of `base` with `plan` applied and, if the sweep asks, repaired for every method alike: readers of
     removed units re-fitted (on the run's calibration samples) and batch-norm statistics recalibrated. Deterministic,
     so a resumed fine-tuning rebuilds exactly the net that was evaluated. The copy is traced once more: the
-    selection's trace belonged to the base, and the selection is timed alone."""
+    selection's trace belonged to the base, and the selection is timed alone. `reconstruct=False` skips the re-fit
+    where the sweep asks for it (recalibration stays), for the accuracy of the choice of units on its own."""
     model = copy.deepcopy(base)
     units = find_units(model, splits.example)
     statistics = {}
-    if run.settings.get("reconstruct"):
+    if run.settings.get("reconstruct") if reconstruct is None else reconstruct:
         statistics = reconstruction_statistics(model, plan, splits.train, units=units,
                                                n_samples=run.settings["n_samples"], seed=run.seed)
     apply_plan(model, plan, units=units)

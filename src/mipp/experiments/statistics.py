@@ -1,8 +1,9 @@
 """The numbers of the report: run rows, means over seeds, MIPP against each baseline (win/loss at equal units and at
 equal MACs), selection cost, planted-truth recovery and the deformed-data comparison.
 
-Stages: "pruned" is the accuracy right after pruning, "ft<b>" after b epochs of fine-tuning (regime "trained") or of
-training the net pruned at initialisation (regime "init").
+Stages: "pruned" is the accuracy right after pruning, "norec" the same without reconstruction (sweeps that
+reconstruct record both, so the choice of units is also judged on its own), "ft<b>" after b epochs of fine-tuning
+(regime "trained") or of training the net pruned at initialisation (regime "init").
 
 MIPP against a baseline, at equal units and at equal MACs: per model, data set, regime and stage, a method's curve
 is (mean fraction removed, mean test accuracy) over its targets, means over seeds.  At every point of MIPP's curve
@@ -25,7 +26,8 @@ SLACK = 0.01  # a level up to 1% of the network outside a baseline's range still
 
 def stage_names(records) -> list[str]:
     budgets = sorted({b for r in records for b in r.budgets()})
-    return ["pruned"] + [f"ft{b}" for b in budgets]
+    norec = ["norec"] if any(not math.isnan(r.accuracy("norec")) for r in records) else []
+    return ["pruned"] + norec + [f"ft{b}" for b in budgets]
 
 
 def run_rows(records, stages) -> list[dict]:

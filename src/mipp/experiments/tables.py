@@ -44,6 +44,8 @@ def target_name(target) -> str:
 
 
 def stage_words(stage: str) -> str:
+    if stage == "norec":
+        return "right after pruning, without reconstruction"
     return "right after pruning" if stage == "pruned" else f"after {stage[2:]} epoch(s)"
 
 
@@ -86,7 +88,7 @@ def verdict_table(counts, stages) -> str:
             kv[0][:4], stages.index(kv[0][4]))):
         mine = sorted({c["stage"] for c in counts if (c["model"], c["data"], c["regime"]) == (model, data, regime)},
                       key=stages.index)
-        if stage not in (mine[0], mine[-1]):
+        if stage not in (mine[0], "norec", mine[-1]):
             continue
         by = defaultdict(list)
         for c in sorted(members, key=lambda c: -np.nan_to_num(c.get("mean_difference", math.nan))):

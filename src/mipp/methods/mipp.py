@@ -84,6 +84,8 @@ class SweepResult:
     lost_share: dict[str, float]  # budget mode: per group, the share of its target's variance its removals lost
     # with collect_remaining: per group, (unit, variance share its removal would lose) for every kept unit at the end
     remaining: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # budget mode: per group, unit -> the variance share its removal lost when it was removed
+    removed_share: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class ConfidenceRule:
@@ -167,7 +169,7 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
     if isinstance(features, Activations):
         features = MeanFeatures(ctx.units, features)
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
-    decisions, lost_share, remaining = {}, {}, {}
+    decisions, lost_share, remaining, removed_share = {}, {}, {}, {}
     bar = Progress(sum(g.size for g in ctx.units.groups), "MIPP sweep", "unit", leave=False)
     for group in ctx.units.groups:  # already ordered from the output to the input
         bar.status(f"group {group.key}")
@@ -181,7 +183,7 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
             session, unit_mi = copy.deepcopy(cache[signature][0]), cache[signature][1]
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
         floor = ctx.min_width(group.size)
-        lost_share[group.key] = 0.0
+        lost_share[group.key], removed_share[group.key] = 0.0, {}
         for rank, unit in enumerate(sweep_order(session, unit_mi, order)):
             if len(session.kept) <= floor:
                 break  # collapse guard: the rest stay untested
@@ -193,6 +195,8 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
                 session.remove(unit)
                 record.kept = False
                 lost_share[group.key] += share or 0.0
+                if share is not None:
+                    removed_share[group.key][unit] = share
             bar.update(1)
         bar.update(sum(r.rank is None for r in records.values()))  # untested: stopped by the collapse guard
         kept[group.key] = sorted(session.kept)
@@ -200,7 +204,8 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
         if collect_remaining and len(session.kept) > floor:
             remaining[group.key] = [(u, session.variance_share_lost(u)) for u in session.kept]
     bar.close()
-    return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining)
+    return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining,
+                       removed_share if rule.prices_units else {})
 
 
 def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,
@@ -323,6 +328,7 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
         result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache,
                        collect_remaining=True)
         topped_up = _top_up(ctx, result, costs, budget, max_price=TOP_UP_PRICE_FACTOR * over[0])
+    given_back = _give_back(ctx, result, costs, budget) if best[0] > budget.tolerance else 0
     return result, {
         "price": price,
         "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
@@ -332,6 +338,7 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
         "bisection_steps": steps,
         "lost_share": result.lost_share,
         "topped_up": topped_up,  # removals added after the search (see _top_up)
+        "given_back": given_back,  # removed units restored after the search (see _give_back)
     }
 
 
@@ -369,6 +376,35 @@ def _top_up(ctx: PruneContext, result: SweepResult, costs: dict[str, float], bud
         result.lost_share[key] = result.lost_share.get(key, 0.0) + share
     result.kept.update(kept)
     return added
+
+
+def _give_back(ctx: PruneContext, result: SweepResult, costs: dict[str, float], budget: Budget) -> int:
+    """Close a gap the price search left past the budget: restore removed units, those whose removal lost the most
+    variance share per unit of cost first, skipping any whose restoration would fall short of the budget by more
+    than its tolerance, until the budget is within tolerance. The mirror of `_top_up`: at 90% of LeNet-5's MACs
+    the closest sweep removed 91.2% (its first convolution at one channel, each worth several % of the MACs), and
+    restoring a few of the most informative fully connected units per MAC lands within tolerance. Restoring a
+    unit only adds information the sweep had given up (the layers before it were pruned for a target that lacked
+    it), so no sweep is re-run. Records the restorations in the decisions and the lost shares."""
+    candidates = sorted(((-share / max(costs[key], 1e-15), key, unit, share)
+                         for key, units in result.removed_share.items() for unit, share in units.items()),
+                        key=lambda c: (c[0], c[1], c[2]))
+    kept = {key: list(units) for key, units in result.kept.items()}
+    fraction = ctx.cost.fractions_removed(kept)[budget.metric]
+    restored = 0
+    for _, key, unit, share in candidates:
+        if fraction <= budget.fraction + budget.tolerance:
+            break
+        trial = {**kept, key: sorted(kept[key] + [unit])}
+        reached = ctx.cost.fractions_removed(trial)[budget.metric]
+        if reached < budget.fraction - budget.tolerance:
+            continue
+        kept, fraction, restored = trial, reached, restored + 1
+        result.decisions[key][unit].kept = True
+        result.lost_share[key] = result.lost_share.get(key, 0.0) - share
+        del result.removed_share[key][unit]
+    result.kept.update(kept)
+    return restored
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
