@@ -247,6 +247,33 @@ def test_win_loss_on_known_numbers(tmp_path):
         in table
 
 
+def test_paired_differences_over_seeds_give_intervals_and_verdicts(tmp_path):
+    """MIPP minus each baseline, paired by seed at the same directly run target, with a Student-t interval; runs
+    that miss their target by more than a point are left out and listed."""
+    from scipy import stats
+
+    store = ResultStore(tmp_path)
+    lead = {0: 0.02, 1: 0.03, 2: 0.04}  # MIPP ahead of random by 2, 3 and 4 points: interval 3 +- 2.48, ahead
+    for seed in range(3):
+        store.put(fake_record("mipp", 0.5, seed, 0.5, 0.4, 0.80 + lead[seed]))
+        store.put(fake_record("random", 0.5, seed, 0.5, 0.6, 0.80))
+        store.put(fake_record("magnitude", 0.5, seed, 0.5, 0.6, 0.80 + lead[seed] + (0.01, -0.01, 0.0)[seed]))
+    store.put(fake_record("mipp", 0.5, 3, 0.5, 0.4, 0.9))
+    store.put(fake_record("random", 0.5, 3, 0.52, 0.6, 0.1))  # 2 points past its target: not compared
+    done, _, _ = report.load([tmp_path])
+    rows = statistics.run_rows(done, ["pruned"])
+    pairs = {p["baseline"]: p for p in statistics.paired_differences(rows, ["pruned"])}
+    half = stats.t.ppf(0.975, 2) * 0.01 / 3 ** 0.5
+    assert pairs["random"]["n"] == 3 and pairs["random"]["missed"] == 1
+    assert pairs["random"]["difference"] == pytest.approx(0.03)
+    assert pairs["random"]["ci_low"] == pytest.approx(0.03 - half) and pairs["random"]["verdict"] == "ahead"
+    assert pairs["magnitude"]["verdict"] == "even" and pairs["magnitude"]["n"] == 3
+    assert [(m["method"], m["seed"]) for m in statistics.missed_targets(rows)] == [("random", 3)]
+    section = tables.paired_section(list(pairs.values()), ["pruned"])
+    assert f"| random | +3.0 [{100 * (0.03 - half):+.1f}, {100 * (0.03 + half):+.1f}] ahead |" in section
+    assert "| magnitude | +0.0 [-2.5, +2.5] even |" in section
+
+
 def test_targets_of_different_metrics_stay_apart_in_tables_and_share_the_curves(tmp_path):
     store = ResultStore(tmp_path)
     store.put(fake_record("mipp", 0.5, 0, 0.5, 0.8, 0.6))

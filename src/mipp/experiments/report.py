@@ -81,13 +81,16 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
     levels, counts = statistics.win_loss(summary, stages, reference, tie)
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
     deformed = statistics.deformed_rows(summary, stages)
-    csvs = {"runs": rows, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
+    pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
+    csvs = {"runs": rows, "paired": pairs, "missed": missed, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
             "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed],
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:
             tables.write_csv(out / "tables" / f"{name}.csv", table)
     md = [tables.intro_section(len(done), len(other), reference, tie, command), tables.commands_section(sweeps, done)]
+    md.append(tables.paired_section(pairs, stages))
+    md.append(tables.missed_section(missed))
     if counts:
         md.append(tables.verdict_section(counts, stages))
     names = []

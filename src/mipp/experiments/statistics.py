@@ -178,3 +178,63 @@ def mean_base_accuracy(records) -> float | None:
     """The unpruned trained model's test accuracy, mean over seeds (None without a trained run)."""
     per_seed = {r.seed: r.base["test_accuracy"] for r in records if r.regime == "trained"}
     return float(np.mean(list(per_seed.values()))) if per_seed else None
+
+
+MISS = 0.01  # a run whose reached cost is more than 1 point from its target is marked, never compared
+
+
+def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
+    """MIPP against each baseline at directly run, equal targets: per model, data, regime, metric, target and stage,
+    the difference of test accuracy (MIPP - baseline) paired by seed (both runs pruned the same base model), its
+    mean, standard deviation and `confidence` interval (Student t over the seeds), and a verdict from the
+    interval: "ahead" (it lies above 0), "behind" (below 0), "even" (it holds 0), or "n<2" (one seed: no interval).
+    Every MIPP variant (method_name "mipp" with a target) is a reference; runs that miss their target by more than
+    MISS are left out of the pairs and counted in `missed`. Nothing is interpolated."""
+    from scipy import stats  # imported on first use (scipy takes ~1 s)
+
+    groups = defaultdict(lambda: defaultdict(dict))  # cell -> method -> seed -> row
+    names = {}
+    for row in rows:
+        if row["target"] is None:
+            continue
+        cell = (row["model"], row["data"], row["regime"], row["metric"], row["target"])
+        groups[cell][row["method"]][row["seed"]] = row
+        names[row["method"]] = row["method_name"]
+    out = []
+    for cell in sorted(groups, key=lambda c: c[:4] + (target_order(c[4]),)):
+        methods = groups[cell]
+        model, data, regime, metric, target = cell
+        references = sorted(m for m in methods if names[m] == "mipp")
+        baselines = sorted(m for m in methods if names[m] != "mipp")
+        for reference in references:
+            for baseline in baselines:
+                seeds = sorted(set(methods[reference]) & set(methods[baseline]))
+                hit = [s for s in seeds if all(abs(methods[m][s][f"{metric}_removed"] - target) <= MISS
+                                               for m in (reference, baseline))]
+                for stage in stages:
+                    pairs = [(methods[reference][s][f"acc_{stage}"], methods[baseline][s][f"acc_{stage}"])
+                             for s in hit]
+                    pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+                    if not pairs:
+                        continue
+                    diff = np.array([a - b for a, b in pairs])
+                    n = len(diff)
+                    std = float(diff.std(ddof=1)) if n > 1 else math.nan
+                    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+                    mean = float(diff.mean())
+                    verdict = ("n<2" if n < 2 else "ahead" if mean - half > 0 else "behind" if mean + half < 0
+                               else "even")
+                    out.append({"model": model, "data": data, "regime": regime, "metric": metric, "target": target,
+                                "stage": stage, "reference": reference, "baseline": baseline, "n": n,
+                                "reference_accuracy": float(np.mean([a for a, _ in pairs])),
+                                "baseline_accuracy": float(np.mean([b for _, b in pairs])),
+                                "difference": mean, "difference_std": std, "ci_low": mean - half,
+                                "ci_high": mean + half, "verdict": verdict, "missed": len(seeds) - len(hit)})
+    return out
+
+
+def missed_targets(rows) -> list[dict]:
+    """Runs whose reached cost (fraction of their metric removed) is more than MISS from their target."""
+    return [{k: r[k] for k in ("model", "data", "regime", "method", "metric", "target", "seed")} |
+            {"reached": r[f"{r['metric']}_removed"]}
+            for r in rows if r["target"] is not None and abs(r[f"{r['metric']}_removed"] - r["target"]) > MISS]
