@@ -323,6 +323,30 @@ def test_deform_is_fixed_per_class_and_differs_between_classes():
         deformed([(image[0], 0)], seed=0)
 
 
+def test_deform_per_image_draws_from_a_fixed_set_independently_of_the_label():
+    """The paper's study: each image gets one of a fixed set of transformations at random, with equal probability,
+    fixed for the run; the choice does not depend on the label, so the deformation cannot give the label away."""
+    from mipp.data.deform import transform
+
+    image = torch.rand(1, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    n = 400
+    labels = torch.arange(n) % 2
+    data = ArrayDataset(image.expand(n, 1, 12, 12).clone(), labels, name="toy", split="train")
+    warped = deformed(data, seed=3, per="image", transforms=4)
+    assert torch.equal(warped.images, deformed(data, seed=3, per="image", transforms=4).images)  # fixed
+    distinct = torch.unique(warped.images.flatten(1), dim=0)
+    assert len(distinct) == 4  # the same image went through exactly the 4 transformations of the set
+    for index in range(4):  # each transformation is used about equally often, and by both labels alike
+        theta, order = transform(3, index, 12, 12)
+        grid = torch.nn.functional.affine_grid(theta[None], [1, 1, 12, 12], align_corners=False)
+        one = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="border",
+                                              align_corners=False).flatten(2)[:, :, order].view(1, 12, 12)
+        users = torch.nonzero((warped.images == one).flatten(1).all(1)).flatten()
+        assert 60 <= len(users) <= 140 and set(labels[users].tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="per must be one of"):
+        deformed(data, per="batch")
+
+
 def test_shards_split_the_runs_and_never_share_a_base_model():
     from mipp.experiments.runner import shard_runs
 

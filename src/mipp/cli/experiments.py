@@ -57,7 +57,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--width", type=float, default=None, help="width multiplier of every model")
     parser.add_argument("--limit", type=int, default=None, help="class-stratified subset of each data split")
     parser.add_argument("--deform", action="store_true", default=None,
-                        help="fixed random transformation per class (the deformed-data study)")
+                        help="the deformed-data study: each image goes through one of a fixed set of random "
+                             "transformations, chosen at random and fixed for the run")
     parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
                         help="data set option for every data entry (repeatable)")
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (default 2000)")

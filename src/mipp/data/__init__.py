@@ -13,7 +13,7 @@ keeps a seeded class-stratified subset (see base.subset_indices). Options per se
     digits                 normalize=True                       (ships with scikit-learn)
     synthetic              n=None, in_channels=1, input_size=16, num_classes=4, noise=1.0, normalize=True
 
-`deformed(dataset, seed)` wraps any in-memory set with a fixed random transformation per class (see deform.py).
+`deformed(dataset, seed, per="image")` wraps any in-memory set with fixed random transformations (see deform.py).
 """
 from __future__ import annotations
 

@@ -156,7 +156,9 @@ def data_spec(entry) -> dict:
     spec.setdefault("limit", None)
     spec["options"] = dict(spec.get("options") or {})
     deform = spec.get("deform")
-    spec["deform"] = {"seed": 0} if deform is True else (dict(deform) if deform else None)
+    # true: the paper's study (each image one of a fixed set of transformations); a dict spells out
+    # mipp.data.deformed's options (without "per", the per-class deformation of the earliest records)
+    spec["deform"] = {"seed": 0, "per": "image"} if deform is True else (dict(deform) if deform else None)
     return spec
 
 
