@@ -9,10 +9,11 @@ from mipp.api import make_context
 from mipp.methods import Budget, PruneContext, UnitScores, get_method, method_names, plan_from_scores
 from mipp.methods.registry import register_criterion
 
-BUILTIN = ["grasp", "imp", "itergrasp", "itersnip", "magnitude", "magnitude-l1", "magnitude-l2", "mipp", "prospr",
+BUILTIN = ["grasp", "imp", "itergrasp", "itersnip", "magnitude", "magnitude-l1", "magnitude-l2", "mipp",
+           "mipp-uniform", "mipp-widths", "prospr",
            "random", "snip", "sosp-h", "synflow", "taylor", "thinet", "tp-bn-scale", "tp-fpgm", "tp-hessian", "tp-l1",
            "tp-l2", "tp-lamp", "tp-taylor"]
-FULL_SELECTS = {"imp", "itergrasp", "itersnip", "mipp", "synflow"}  # not score-then-rank
+FULL_SELECTS = {"imp", "itergrasp", "itersnip", "mipp", "mipp-uniform", "mipp-widths", "synflow"}  # not score-then-rank
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from mipp.methods.base import BUDGET_METRICS, Budget, PruneContext, UnitScores, 
 from mipp.methods.registry import METHODS, MethodInfo, get_method, method_names, register, register_criterion
 
 # the built-in methods, registered on import
-from mipp.methods import (imp, mipp, prospr, random_magnitude, saliency, synflow, thinet,  # noqa: E402, F401
+from mipp.methods import (ablations, imp, mipp, prospr, random_magnitude, saliency, synflow, thinet,  # noqa: E402, F401
                           torch_pruning_criteria)
 
 __all__ = ["BUDGET_METRICS", "Budget", "METHODS", "MethodInfo", "PruneContext", "UnitScores", "get_method",

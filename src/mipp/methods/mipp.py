@@ -208,11 +208,10 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
                        removed_share if rule.prices_units else {})
 
 
-def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,
-           acts: Activations | None = None) -> Plan:
-    """Run MIPP on the context's model and calibration data; returns the Plan."""
-    settings = settings or MIPPSettings()
-    started = time.perf_counter()
+def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = None,
+            acts: Activations | None = None):
+    """(features, estimator, record): what a sweep needs, from one calibration pass (spatial means, or position
+    moments with features="patches"), and what the Plan records of it."""
     if settings.features == "patches":
         moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
                                          positions_per_image=settings.positions, seed=ctx.seed, device=ctx.device)
@@ -225,7 +224,6 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
                            seed=ctx.seed, device=ctx.device)
         _check_samples(acts, settings)
         features, n_samples = MeanFeatures(ctx.units, acts), acts.n_samples
-    capture_seconds = time.perf_counter() - started
     estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
     announce_cost(settings.estimator, estimator, [g.size for g in ctx.units.groups], n_samples, budget is not None,
                   ctx.seed)
@@ -235,6 +233,16 @@ def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettin
     if settings.features != "mean":  # recorded only when not the default, so earlier plans stay as they were
         record["features"] = {"kind": settings.features, "positions_per_image": settings.positions,
                               "effective_samples": features.effective_samples()}
+    return features, estimator, record
+
+
+def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,
+           acts: Activations | None = None) -> Plan:
+    """Run MIPP on the context's model and calibration data; returns the Plan."""
+    settings = settings or MIPPSettings()
+    started = time.perf_counter()
+    features, estimator, record = prepare(ctx, settings, budget, acts)
+    capture_seconds = time.perf_counter() - started
     if budget is None:
         result = sweep(ctx, features, estimator, ConfidenceRule(), settings.confidence, settings.order)
         record["confidence"] = settings.confidence
