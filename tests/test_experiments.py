@@ -274,6 +274,30 @@ def test_paired_differences_over_seeds_give_intervals_and_verdicts(tmp_path):
     assert "| magnitude | +0.0 [-2.5, +2.5] even |" in section
 
 
+def test_findings_name_where_mipp_is_ahead_and_behind_and_replace_the_readme_block(tmp_path):
+    from mipp.experiments.findings import END, START, block_of, findings, replace_block
+
+    pair = dict(model="m", data="d", regime="trained", metric="macs", reference="mipp", n=3, stage="pruned",
+                reference_accuracy=0.8, baseline_accuracy=0.7, difference=0.1, verdict="ahead")
+    pairs = [{**pair, "baseline": "random", "target": 0.5},
+             {**pair, "baseline": "random", "target": 0.9, "difference": -0.02, "verdict": "behind"},
+             {**pair, "baseline": "tp-l1", "target": 0.5, "difference": 0.01, "verdict": "even"},
+             {**pair, "baseline": "tp-l1", "target": 0.9, "difference": 0.01, "verdict": "even"}]
+    text = findings(pairs, [])
+    assert text.startswith(START) and text.rstrip().endswith(END)
+    assert "**m / d, trained, MACs removed at 50, 90%**" in text and "MIPP 80.0 / 80.0" in text
+    assert "ahead of random (50%, +10.0 points); behind random (90%, -2.0 points)" in text
+    assert "not distinguishable in 2 of 4 comparisons" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{START}\nold numbers\n{END}\n\nafter\n")
+    replace_block(readme, text)
+    assert block_of(readme) == text and readme.read_text().startswith("intro\n\n")
+    assert readme.read_text().endswith(f"{END}\n\nafter\n")
+    readme.write_text("no block\n")
+    with pytest.raises(ValueError, match="has no findings block"):
+        replace_block(readme, text)
+
+
 def test_targets_of_different_metrics_stay_apart_in_tables_and_share_the_curves(tmp_path):
     store = ResultStore(tmp_path)
     store.put(fake_record("mipp", 0.5, 0, 0.5, 0.8, 0.6))
@@ -444,6 +468,7 @@ def test_committed_report_regenerates_from_the_committed_records(tmp_path, monke
     monkeypatch.chdir(ROOT)  # the report names the stores as given, relative to the repository
     report.build_report(relative, tmp_path, command=f"mipp report --runs {' '.join(relative)} --out docs")
     assert (tmp_path / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text()
+    assert (tmp_path / "findings.md").read_text() == (ROOT / "docs" / "findings.md").read_text()
     for committed in sorted((ROOT / "docs" / "tables").glob("*.csv")):
         assert (tmp_path / "tables" / committed.name).read_text() == committed.read_text(), committed.name
 

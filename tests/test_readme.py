@@ -124,3 +124,14 @@ def test_readme_demo_and_experiment_commands(clone):
             continue
         run(line, ("--dry-run",) if TOO_LONG in line else ())
     assert (clone / "runs" / "demo" / "results.md").exists() and (clone / "runs" / "try-report").is_dir()
+
+
+def test_readme_findings_are_the_generated_ones():
+    """The README's findings are docs/findings.md verbatim (made by `mipp report --readme README.md`), never
+    numbers copied by hand."""
+    from mipp.experiments.findings import block_of
+
+    generated = ROOT / "docs" / "findings.md"
+    if not generated.exists():
+        pytest.skip("no generated findings in this checkout")
+    assert block_of(ROOT / "README.md") == generated.read_text()

@@ -158,6 +158,9 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
                         help="accuracy difference (fraction) within which win/loss counts a tie (default 0.002)")
     parser.add_argument("--latency", default=None,
                         help="add the latency table of a benchmarks/bench_latency.py result (its JSON --out)")
+    parser.add_argument("--readme", default=None,
+                        help="also replace the findings block of this Markdown file (e.g. README.md) with the "
+                             "new OUT/findings.md")
     return parser
 
 
@@ -171,8 +174,13 @@ def report_command(args: argparse.Namespace) -> dict:
             command += f" {flag} {value}"
     if args.latency is not None:
         command += f" --latency {args.latency}"
-    return build_report(args.runs, args.out, reference=args.reference, layer_target=args.layer_target, tie=args.tie,
-                        command=command, latency=args.latency)
+    result = build_report(args.runs, args.out, reference=args.reference, layer_target=args.layer_target,
+                          tie=args.tie, command=command, latency=args.latency)
+    if args.readme is not None:
+        from mipp.experiments.findings import replace_block
+
+        result["readme"] = replace_block(args.readme, (Path(args.out) / "findings.md").read_text())
+    return result
 
 
 def render_report(result: dict) -> str:

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from mipp.io import atomic_write_text
-from mipp.experiments import figures, statistics, tables
+from mipp.experiments import figures, findings, statistics, tables
 from mipp.experiments.record import RunRecord
 from mipp.experiments.store import ResultStore
 
@@ -89,6 +89,9 @@ def build_report(dirs, out, *, reference: str = "mipp", layer_target: float = 0.
         if table:
             tables.write_csv(out / "tables" / f"{name}.csv", table)
     md = [tables.intro_section(len(done), len(other), reference, tie, command), tables.commands_section(sweeps, done)]
+    found = findings.findings(pairs, planted)
+    atomic_write_text(out / "findings.md", found)
+    md.append("\n## Findings\n\nThe same list the README carries (from the paired comparison below).\n\n" + found)
     md.append(tables.paired_section(pairs, stages))
     md.append(tables.missed_section(missed))
     if counts:
