@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from mipp import distributed
 from mipp.activations import calibration_batches, check_calibration_data
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
@@ -63,6 +64,7 @@ def _select(model: nn.Module, data, method: str, budget, metric: str, context_op
                            expected_from=_shape_source(model, context_options["example_input"]))
     check_finite_model(model)
     plan = info.select(ctx, budget, **options)
+    plan = distributed.broadcast_plan(plan)  # under torchrun: rank 0's, so every rank applies the same Plan
     check_plan_scores(plan)
     return plan, ctx
 

@@ -64,7 +64,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def prune_command(args: argparse.Namespace) -> dict:
-    from mipp import data
+    from mipp import data, distributed
     from mipp.api import prune
     from mipp.checkpoint import load_model, save_model
     from mipp.io import atomic_write_json, atomic_write_text
@@ -106,12 +106,17 @@ def prune_command(args: argparse.Namespace) -> dict:
         fit(pruned, splits["train"], tune, description=f"fine-tuning the pruned {args.method} model")
         result["accuracy_finetuned"] = evaluate(pruned, splits["test"], device=device)["accuracy"]
     out = Path(args.out or f"{Path(args.checkpoint).parent}-{args.method}")
-    save_model(out / "model.pt", pruned.cpu(), plan=plan.to_dict(), metrics=result)
-    plan.save(out / "plan.json")
-    atomic_write_text(out / "summary.txt", plan.summary() + "\n")
+    writes = distributed.is_main()  # under torchrun every rank holds the same pruned model; rank 0 writes it
+    if writes:
+        save_model(out / "model.pt", pruned.cpu(), plan=plan.to_dict(), metrics=result)
+        plan.save(out / "plan.json")
+        atomic_write_text(out / "summary.txt", plan.summary() + "\n")
     result.update(out=str(out), model_path=str(out / "model.pt"), plan_path=str(out / "plan.json"),
                   summary=plan.summary(), wall_seconds=time.perf_counter() - started)
-    atomic_write_json(out / "metrics.json", result)
+    if distributed.world_size() > 1:
+        result["processes"] = distributed.world_size()
+    if writes:
+        atomic_write_json(out / "metrics.json", result)
     return result
 
 

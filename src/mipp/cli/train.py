@@ -60,7 +60,7 @@ def _train_config(args: argparse.Namespace):
 def train_command(args: argparse.Namespace) -> dict:
     import torch
 
-    from mipp import data
+    from mipp import data, distributed
     from mipp.checkpoint import save_model
     from mipp.io import atomic_write_json
     from mipp.models import build_model
@@ -94,8 +94,9 @@ def train_command(args: argparse.Namespace) -> dict:
     }
     metrics = {**summary, "config": config.to_dict(), "model_config": model.mipp_config, "identity": identity,
                "history": history}
-    save_model(out / "model.pt", model, metrics=metrics)
-    atomic_write_json(out / "metrics.json", metrics)
+    if distributed.is_main():  # under torchrun every rank ends with the same weights; rank 0 writes them
+        save_model(out / "model.pt", model, metrics=metrics)
+        atomic_write_json(out / "metrics.json", metrics)
     return summary
 
 
