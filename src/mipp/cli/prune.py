@@ -10,7 +10,8 @@ from mipp.cli.common import (add_command, add_data_arguments, add_threads_argume
 
 PRUNE_FLAGS = flag_names("n_samples", "min_units", "budget", "metric", "confidence", "estimator", "pool", "limit",
                          "seed", "device", "data_root", "recalibration_batches", "n_batches",
-                         lr="--finetune-lr", epochs="--finetune-epochs")
+                         lr="--finetune-lr", epochs="--finetune-epochs", batch_size="--finetune-batch-size",
+                         num_workers="--num-workers")
 DEMO_FLAGS = flag_names("epochs", "limit", "seed", "device", "data_root", "n_samples", budget="--budgets")
 
 
@@ -57,6 +58,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model (default 0)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-batch-size", type=int, default=None,
+                        help="fine-tuning batch size, over all processes under torchrun (default 128)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="DataLoader workers for fine-tuning on data read from files (default 0)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>-<method>)")
     add_threads_argument(parser)
@@ -101,8 +106,9 @@ def prune_command(args: argparse.Namespace) -> dict:
               "params_before": count_params(model), "params_after": count_params(pruned),
               **{k: v for k, v in plan.stats.items()}, "guard_hits": plan.guard_hits}
     if args.finetune_epochs:
+        sizes = {} if args.finetune_batch_size is None else {"batch_size": args.finetune_batch_size}
         tune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, device=args.device,
-                           checkpoint_every=0)
+                           checkpoint_every=0, num_workers=args.num_workers, **sizes)
         fit(pruned, splits["train"], tune, description=f"fine-tuning the pruned {args.method} model")
         result["accuracy_finetuned"] = evaluate(pruned, splits["test"], device=device)["accuracy"]
     out = Path(args.out or f"{Path(args.checkpoint).parent}-{args.method}")
