@@ -171,3 +171,18 @@ def test_a_batch_size_the_processes_cannot_share_is_refused(base_model, tmp_path
                           env=environment(), capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "--batch-size 15 cannot be shared by the 2 processes" in done.stderr
+
+
+def test_fine_tuning_after_a_prune_resumes_from_its_state_file(base_model, tmp_path, capsys):
+    """--finetune-checkpoint-every: the rerun prunes again (to the same model) and finds the fine-tuning done."""
+    argv = ["prune", "--checkpoint", str(base_model), *TINY_DATA, "--samples", "300", "--budget", "0.5",
+            "--finetune-epochs", "1", "--finetune-batch-size", "32", "--finetune-checkpoint-every", "5",
+            "--threads", "1", "--out", str(tmp_path / "p")]
+    first = run_cli(capsys, argv)
+    assert (tmp_path / "p" / "finetune-state.pt").exists() and "finetune_resumed_from" not in first
+    weights = load_model(tmp_path / "p" / "model.pt")[0].state_dict()
+    again = run_cli(capsys, argv)
+    assert again["finetune_resumed_from"] == {"epoch": 1, "step": 0}
+    assert again["accuracy_finetuned"] == first["accuracy_finetuned"]
+    for name, tensor in load_model(tmp_path / "p" / "model.pt")[0].state_dict().items():
+        assert torch.equal(tensor, weights[name]), name

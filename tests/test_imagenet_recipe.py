@@ -78,3 +78,29 @@ def test_resnet50_imagenet_recipe_on_a_tiny_image_folder(image_folder, tmp_path,
     assert evaluated["accuracy"] == pytest.approx(shared["accuracy_finetuned"])
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in base.parameters())
     assert pruned(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, 3)
+
+
+def test_torchvision_resnet_weights_import_into_a_mipp_model_file(tmp_path):
+    """scripts/import_torchvision_resnet.py on a state dict in torchvision's layout (`downsample` shortcuts)."""
+    import importlib.util
+    from pathlib import Path
+
+    from mipp.models import build_model
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "import_torchvision_resnet.py"
+    spec = importlib.util.spec_from_file_location("import_torchvision_resnet", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    source = build_model("resnet50", num_classes=7, input_size=64, width=0.0625, stem="imagenet")
+    layout = {name.replace(".shortcut.", ".downsample."): t for name, t in source.state_dict().items()}
+    assert any(".downsample." in name for name in layout)
+    torch.save(layout, tmp_path / "weights.pth")
+    assert script.main(["--weights", str(tmp_path / "weights.pth"), "--input-size", "64",
+                        "--out", str(tmp_path / "model.pt")]) == 0
+    model, record = load_model(tmp_path / "model.pt")
+    assert record["model_config"]["stem"] == "imagenet" and record["model_config"]["num_classes"] == 7
+    for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="do not fit"):
+        script.import_resnet("resnet18", layout)
