@@ -134,8 +134,10 @@ def _kill_job(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_two_process_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path):
-    argv = ["-m", "mipp", "train", "--model", "lenet5", *TINY_DATA, "--epochs", "3", "--batch-size", "16",
+def test_two_process_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, capsys):
+    # 599 examples: 37 batches of 16 and one of 7, shared 4 / 3 (the loss weights of unequal parts at work)
+    data = ["--data", "synthetic", "--data-option", "input_size=28", "--limit", "599"]
+    argv = ["-m", "mipp", "train", "--model", "lenet5", *data, "--epochs", "3", "--batch-size", "16",
             "--lr", "0.02", "--checkpoint-every", "10", "--threads", "1", "--json"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     state = killed / "train-state.pt"
@@ -162,7 +164,13 @@ def test_two_process_training_killed_after_a_checkpoint_resumes_to_the_same_weig
         assert torch.equal(a, b), name
     strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
     assert strip(record_a["metrics"]["history"]) == strip(record_b["metrics"]["history"])
-    assert len(record_b["metrics"]["history"]) == 3
+    assert len(record_b["metrics"]["history"]) == 3 and record_b["metrics"]["n_train"] == 599
+    # LeNet-5 has no batch norm, so two processes compute one process's steps, up to the rounding of the gradient
+    # average and of the loss weights of the trailing batch's unequal parts (measured: 7e-7 relative)
+    run_cli(capsys, [*argv[2:-1], "--out", str(tmp_path / "one")])
+    model_c, _ = load_model(tmp_path / "one" / "model.pt")
+    for (name, b), c in zip(model_b.state_dict().items(), model_c.state_dict().values()):
+        assert torch.allclose(b, c, rtol=1e-4, atol=1e-5), name
 
 
 def test_a_batch_size_the_processes_cannot_share_is_refused(base_model, tmp_path):
@@ -186,3 +194,21 @@ def test_fine_tuning_after_a_prune_resumes_from_its_state_file(base_model, tmp_p
     assert again["accuracy_finetuned"] == first["accuracy_finetuned"]
     for name, tensor in load_model(tmp_path / "p" / "model.pt")[0].state_dict().items():
         assert torch.equal(tensor, weights[name]), name
+
+
+def test_each_rank_takes_a_contiguous_part_of_every_global_batch_and_the_loss_weights_undo_unequal_parts():
+    from mipp.train import epoch_batches, rank_batches, steps_per_epoch
+
+    n, batch_size, world = 45, 16, 4  # batches of 16, 16 and 13 (parts of 4, 3, 3, 3)
+    batches = epoch_batches(n, batch_size, seed=0, epoch=0)
+    shares = [rank_batches(batches, rank, world) for rank in range(world)]
+    for step, batch in enumerate(batches):
+        assert torch.equal(torch.cat([parts[step] for parts, _ in shares]), batch)
+        # DDP averages over the ranks the gradients of weight x (mean loss of the part): each example then counts
+        # weight / (world x part size), which must be 1 / (global batch size), as in one process's mean loss
+        for parts, weights in shares:
+            assert weights[step] / (world * len(parts[step])) == pytest.approx(1 / len(batch), rel=1e-12)
+    assert [weights[-1] for _, weights in shares] == [4 * 4 / 13] + [3 * 4 / 13] * 3
+    assert len(shares[0][0]) == steps_per_epoch(n, batch_size, world) == 3
+    # a trailing batch that would leave a rank fewer than 2 examples is dropped, and the step count says so
+    assert len(rank_batches(epoch_batches(39, 16, 0, 0), 0, 4)[0]) == steps_per_epoch(39, 16, 4) == 2

@@ -11,6 +11,10 @@ Device: with `device=` ("cpu", "cuda", "cuda:1", "auto") the model is moved ther
 returned there; `select_plan`: a copy when the model is elsewhere) and capture, gradient criteria, reconstruction
 statistics (float64 accumulators) and recalibration run there; the captured activations go to the host, where the
 MI estimators work in float64. Without it, everything runs where the model's parameters are.
+
+Under torchrun (`mipp.distributed`), every rank calls `prune` on the same model and data: the calibration passes of
+capture and reconstruction share the batches among the ranks and combine their results, every rank selects on the
+same statistics, rank 0's Plan is broadcast, and every rank applies it (the same pruned model everywhere).
 """
 from __future__ import annotations
 

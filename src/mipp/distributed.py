@@ -179,13 +179,3 @@ def barrier() -> None:
 def owns_batch(number: int) -> bool:
     """Whether calibration batch ``number`` (0-based, in the order one process reads them) is this rank's."""
     return number % world_size() == rank()
-
-
-def batch_order(counts: list[int]) -> list[tuple[int, int]]:
-    """(rank, index in that rank's list) of every batch in global order, given how many batches each rank holds
-    when batch ``j`` went to rank ``j % world``."""
-    world, total = len(counts), sum(counts)
-    order = [(j % world, j // world) for j in range(total)]
-    if any(index >= counts[r] for r, index in order):
-        raise RuntimeError(f"ranks hold {counts} calibration batches, which is not a round-robin share")
-    return order
