@@ -47,6 +47,9 @@ def main(out: str) -> None:
                 assert torch.equal(other["units"][key], value), key
             for name, stats in result["readers"].items():
                 assert torch.equal(other["readers"][name]["gram"], stats["gram"]), name
+            for key, stats in result["moments"].items():
+                assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+                           for a, b in zip(other["moments"][key]["sums"], stats["sums"])), key
         if distributed.is_main():
             torch.save(result, out)
 

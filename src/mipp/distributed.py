@@ -112,10 +112,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not active():
         return tensor
     device = _communication_device()
-    moved = tensor if tensor.device == device else tensor.to(device)
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
-    if moved is not tensor:
-        tensor.copy_(moved)
+    work = tensor if tensor.device == device and tensor.is_contiguous() else tensor.to(device).contiguous()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)  # (a view that is not contiguous would not be written to)
+    if work is not tensor:
+        tensor.copy_(work)
     return tensor
 
 

@@ -184,20 +184,32 @@ def draw_positions(generator: torch.Generator, n: int, total: int) -> torch.Tens
 
 
 def _combine_ranks(readers: list[ReaderMoments]) -> None:
-    """Replace each rank's moments by those of every rank's samples (the same on every rank): the ranks' moments
-    merged in rank order (Chan's pairwise formula, float64), image counts and between-image sums added."""
-    mine = [(r.moments.count, r.moments.mean, r.moments.scatter, r.images, r.between, r.positions) for r in readers]
-    shares = distributed.all_gather_objects(mine)
+    """Replace each rank's moments by those of every rank's samples, the same on every rank: counts and sums
+    all-reduced, then each rank's scatter taken about the global mean (its own scatter plus n (mean - global
+    mean)^2, Chan's pairwise formula) and all-reduced, in float64; so no large mean is subtracted from a raw sum of
+    squares, and one reader's matrix is reduced at a time (bounded memory)."""
+    counts = torch.tensor([[r.moments.count, r.images, r.positions if r.images else 0] for r in readers],
+                          dtype=torch.int64)
+    positions = torch.zeros(len(readers), distributed.world_size(), dtype=torch.int64)
+    positions[:, distributed.rank()] = counts[:, 2]
+    distributed.all_reduce_sum(positions)  # every rank's samples per image (0: a rank without batches)
+    distributed.all_reduce_sum(counts[:, :2])
     for k, stats in enumerate(readers):
-        merged, images, between, positions = GaussianMoments(), 0, None, 1
-        for share in shares:
-            count, mean, scatter, n, part, p = share[k]
-            if count:
-                merged = merged.merge(GaussianMoments._from_parts(count, mean, scatter))
-            images += n
-            between = part if between is None else (between if part is None else between + part)
-            positions = max(positions, p)
-        stats.moments, stats.images, stats.between, stats.positions = merged, images, between, positions
+        own, dim = stats.moments, stats.n_units * stats.f + stats.n_outputs
+        count = int(counts[k, 0])
+        total = own.mean * own.count if own.count else torch.zeros(dim, dtype=torch.float64)
+        mean = distributed.all_reduce_sum(total.clone()) / max(count, 1)
+        if own.count:
+            shift = own.mean - mean
+            scatter = own.scatter + own.count * torch.outer(shift, shift)
+        else:
+            scatter = torch.zeros(dim, dim, dtype=torch.float64)
+        scatter = distributed.all_reduce_sum(scatter)
+        between = stats.between if stats.between is not None else torch.zeros(stats.n_outputs, dtype=torch.float64)
+        stats.between = distributed.all_reduce_sum(between.clone())
+        stats.moments = GaussianMoments._from_parts(count, mean, scatter) if count else GaussianMoments()
+        stats.images = int(counts[k, 1])
+        stats.positions = max(1, int(positions[k].max()))
 
 
 def _accumulate(stats: ReaderMoments, columns: torch.Tensor, generator: torch.Generator, positions: int):
