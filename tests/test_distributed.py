@@ -20,7 +20,8 @@ from mipp.cli import main
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
-TINY_DATA = ["--data", "synthetic", "--data-option", "input_size=28", "--limit", "600"]
+# --device cpu: gloo and the host even where GPUs are (two ranks on one GPU are not a thing nccl does)
+TINY_DATA = ["--data", "synthetic", "--data-option", "input_size=28", "--limit", "600", "--device", "cpu"]
 
 
 def torchrun_command(*args: str, processes: int = 2) -> list[str]:
@@ -136,7 +137,7 @@ def _kill_job(process: subprocess.Popen) -> None:
 
 def test_two_process_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, capsys):
     # 599 examples: 37 batches of 16 and one of 7, shared 4 / 3 (the loss weights of unequal parts at work)
-    data = ["--data", "synthetic", "--data-option", "input_size=28", "--limit", "599"]
+    data = ["--data", "synthetic", "--data-option", "input_size=28", "--limit", "599", "--device", "cpu"]
     argv = ["-m", "mipp", "train", "--model", "lenet5", *data, "--epochs", "3", "--batch-size", "16",
             "--lr", "0.02", "--checkpoint-every", "10", "--threads", "1", "--json"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"

@@ -53,7 +53,7 @@ def image_folder(tmp_path_factory):
 
 def test_resnet50_imagenet_recipe_on_a_tiny_image_folder(image_folder, tmp_path, capsys):
     data = ["--data", "image-folder", "--data-root", str(image_folder), "--data-option", f"input_size={SIZE}",
-            "--threads", "1"]
+            "--threads", "1", "--device", "cpu"]
     trained = run_cli(capsys, ["train", "--model", "resnet50", "--model-option", "stem=imagenet", "--width", "0.0625",
                                *data, "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "base")])
     base, record = load_model(tmp_path / "base" / "model.pt")
