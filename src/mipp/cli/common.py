@@ -227,8 +227,17 @@ def _process_group(args: argparse.Namespace):
     from mipp.progress import quiet
 
     with distributed.process_group(getattr(args, "device", "auto")):
-        with (contextlib.nullcontext() if distributed.is_main() else quiet()):
-            yield distributed.is_main()
+        if distributed.is_main():
+            yield True
+            return
+        logger = logging.getLogger("mipp")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # rank 0 tells the story; the others only warn
+        try:
+            with quiet():
+                yield False
+        finally:
+            logger.setLevel(level)
 
 
 def run_handler(args: argparse.Namespace) -> int:
