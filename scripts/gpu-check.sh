@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA device (a few minutes): the CUDA-path tests, then a timed prune of
-# VGG-11 (width 0.5) on the CPU and on the GPU, then the latency benchmark on the GPU (VGG-11 w0.5 and ResNet-18).
+# VGG-11 (width 0.5) on the CPU and on the GPU, then the latency benchmark on the GPU (VGG-11 w0.5 and ResNet-18),
+# and with 2 GPUs or more, prune and training under torchrun with nccl.
 #
 #   bash scripts/gpu-check.sh                 # uses .venv/bin/python if present, else python3 (or set PYTHON=...)
 #   OUT=/some/folder bash scripts/gpu-check.sh   # also writes the GPU latency JSON and the logs there
@@ -55,4 +56,26 @@ EOF
 echo "== latency on the GPU"
 "$PYTHON" benchmarks/bench_latency.py --devices cuda --models vgg11@0.5,resnet18 --rounds 10 \
     --out "$OUT/latency-gpu.json" 2>&1 | tee "$OUT/latency.log"
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 2 ]; then
+    echo "== torchrun with nccl on 2 GPUs: the same Plan as one GPU, fine-tuning and training with DDP"
+    base="$OUT/nccl"
+    rm -rf "$base"
+    data=(--data synthetic --data-option input_size=28 --limit 600 --device cuda)
+    "$PYTHON" -m mipp train --model lenet5 "${data[@]}" --epochs 1 --batch-size 32 --out "$base/base" --json >/dev/null
+    prune=(prune --checkpoint "$base/base/model.pt" "${data[@]}" --samples 600 --budget 0.5 --metric macs)
+    "$PYTHON" -m mipp "${prune[@]}" --out "$base/one" --json >/dev/null
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m mipp "${prune[@]}" --finetune-epochs 1 \
+        --finetune-batch-size 32 --out "$base/two" --json 2>"$OUT/nccl-prune.err" | tee "$OUT/nccl.log"
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m mipp train --model lenet5 "${data[@]}" \
+        --epochs 2 --batch-size 32 --out "$base/train" --json 2>"$OUT/nccl-train.err" | tee -a "$OUT/nccl.log"
+    "$PYTHON" - "$base" <<'EOF' 2>&1 | tee -a "$OUT/nccl.log"
+import json, sys
+base = sys.argv[1]
+one, two = (json.load(open(f"{base}/{name}/plan.json"))["kept"] for name in ("one", "two"))
+print("same kept units with 1 and 2 GPUs:", one == two)
+EOF
+else
+    echo "== torchrun with nccl: skipped ($GPUS GPU; it needs 2)"
+fi
 echo "gpu-check done in $SECONDS s; logs in $OUT"

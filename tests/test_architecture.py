@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # From the bottom up; a module may import modules of its own layer or below, never above (README, Layout).
 LAYERS = [
     {"mipp.version", "mipp.io", "mipp.progress"},
-    {"mipp.plan", "mipp.models", "mipp.data", "mipp.mi", "mipp.units"},
+    {"mipp.plan", "mipp.models", "mipp.data", "mipp.mi", "mipp.units", "mipp.distributed"},
     {"mipp.measure", "mipp.activations", "mipp.positions", "mipp.surgery", "mipp.reconstruct", "mipp.recalibrate",
      "mipp.checkpoint", "mipp.train", "mipp.export"},
     {"mipp.methods"},

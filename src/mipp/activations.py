@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mipp import distributed
 from mipp.progress import Progress
 from mipp.units import UnitGraph
 
@@ -45,19 +46,29 @@ def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int =
         yield batch
 
 
-def _raw_batches(data, n_samples: int, batch_size: int, seed: int):
-    """(batch, where) pairs; `where(i)` names the i-th sample of the batch for error messages."""
+def _raw_batches(data, n_samples: int, batch_size: int, seed: int, wanted=None):
+    """(batch, where) pairs; `where(i)` names the i-th sample of the batch for error messages. `wanted(j)` False:
+    batch j comes as (None, its size), not loaded where that can be avoided (another rank's share)."""
+    wanted = wanted or (lambda number: True)
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         data = data[0]
     if isinstance(data, torch.Tensor):
-        for start in range(0, min(n_samples, len(data)), batch_size):
+        for number, start in enumerate(range(0, min(n_samples, len(data)), batch_size)):
+            stop = min(start + batch_size, n_samples, len(data))
+            if not wanted(number):
+                yield None, stop - start
+                continue
             yield data[start:min(start + batch_size, n_samples)], lambda i, s=start: f"input {s + i}"
         return
     if isinstance(data, torch.utils.data.DataLoader):
         taken = 0
         for number, batch in enumerate(data):
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            yield inputs[: n_samples - taken], lambda i, b=number: f"sample {i} of the loader's batch {b}"
+            inputs = inputs[: n_samples - taken]
+            if wanted(number):
+                yield inputs, lambda i, b=number: f"sample {i} of the loader's batch {b}"
+            else:
+                yield None, len(inputs)
             taken += len(inputs)
             if taken >= n_samples:
                 return
@@ -66,8 +77,11 @@ def _raw_batches(data, n_samples: int, batch_size: int, seed: int):
         images = getattr(data, "images", None)
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(data), generator=generator)[:n_samples]
-        for start in range(0, len(order), batch_size):
+        for number, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start:start + batch_size]
+            if not wanted(number):
+                yield None, len(idx)
+                continue
             where = lambda i, idx=idx: f"item {int(idx[i])} of the data set"  # noqa: E731
             if images is not None:
                 yield images[idx], where
@@ -78,6 +92,20 @@ def _raw_batches(data, n_samples: int, batch_size: int, seed: int):
         f"calibration data of type {type(data).__name__} is not supported: pass a tensor of inputs, an "
         "(inputs, labels) pair, a torch Dataset or a DataLoader"
     )
+
+
+def sharded_batches(data, n_samples: int, batch_size: int = 256, seed: int = 0):
+    """Every calibration batch as (batch, size), in the order one process reads them: under torchrun, batch j is
+    this rank's when j % world == rank (`mipp.distributed.owns_batch`) and the others' come as (None, size),
+    unread; one process gets every batch. Each batch is exactly the one a single process computes on, so per-sample
+    results are the single process's and only the order of sums across ranks differs."""
+    shape = None
+    for batch, where in _raw_batches(data, n_samples, batch_size, seed, wanted=distributed.owns_batch):
+        if batch is None:
+            yield None, where
+            continue
+        shape = check_batch(batch, where, shape)
+        yield batch, len(batch)
 
 
 def check_batch(batch: torch.Tensor, where, shape: tuple | None = None) -> tuple:
@@ -248,17 +276,33 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
     outputs: dict[str, list[torch.Tensor]] = {}
     handles = _register(model, units, points, pool, collected, outputs)
     n_batches = calibration_pass(model, data, handles, "capture", units.example_shape, n_samples=n_samples,
-                                 batch_size=batch_size, seed=seed, device=device)
+                                 batch_size=batch_size, seed=seed, device=device, shard=True)
     if n_batches == 0:
         raise ValueError("the calibration data is empty: pass at least a few hundred samples")
+    per_batch = {key: [torch.cat(parts, 2) for parts in _by_batch(v, len(points[key]))] for key, v in collected.items()}
+    if distributed.active():
+        per_batch, outputs = _gather_batches(per_batch, outputs, n_batches)
     acts = Activations(
-        {key: torch.cat([torch.cat(parts, 2) for parts in _by_batch(v, len(points[key]))], 0)
-         for key, v in collected.items()},
+        {key: torch.cat(v, 0) for key, v in per_batch.items()},
         {name: torch.cat(v, 0) for name, v in outputs.items()},
     )
     _check_finite(acts)
     _check_variation(acts)
     return acts
+
+
+def _gather_batches(units: dict[str, list], outputs: dict[str, list], n_batches: int) -> tuple[dict, dict]:
+    """Every rank's per-batch activations (batch j was rank j % world's), put back in the order one process
+    captures them, on every rank: the single-process tensors exactly, as each batch was computed as one process
+    computes it."""
+    shares = distributed.all_gather_objects((units, outputs))
+    world = len(shares)
+
+    def in_order(part: int, key: str) -> list:
+        return [shares[j % world][part][key][j // world] for j in range(n_batches)]
+
+    names = list(dict.fromkeys(name for share in shares for name in share[1]))
+    return {key: in_order(0, key) for key in units}, {name: in_order(1, name) for name in names}
 
 
 def run_on_batch(model: nn.Module, batch: torch.Tensor, example_shape: tuple | None = None):
@@ -277,20 +321,32 @@ def run_on_batch(model: nn.Module, batch: torch.Tensor, example_shape: tuple | N
 
 
 def calibration_pass(model: nn.Module, data, handles: list, description: str, example_shape=None, *,
-                     n_samples: int, batch_size: int = 256, seed: int = 0, device=None) -> int:
+                     n_samples: int, batch_size: int = 256, seed: int = 0, device=None, shard: bool = False,
+                     on_skip=None) -> int:
     """Run the calibration batches through `model` in eval mode without gradients, with a progress bar, so that
     the forward `handles` (hooks) collect what they need; removes the handles and restores the model's mode after,
-    whatever happens. Returns the number of batches."""
+    whatever happens. Returns the number of batches.
+
+    `shard` (under torchrun): run only this rank's batches (`sharded_batches`) and call `on_skip(size)` for each
+    of the others, in their place in the order; the caller then combines what the ranks collected. The count
+    returned is still every batch's."""
     was_training = model.training
     model.eval()
     bar = Progress(n_samples, description, "sample", leave=False)
     n_batches = 0
+    sharded = shard and distributed.active()
+    batches = (sharded_batches(data, n_samples, batch_size, seed) if sharded
+               else ((batch, len(batch)) for batch in calibration_batches(data, n_samples, batch_size, seed)))
     try:
         with torch.no_grad():
-            for batch in calibration_batches(data, n_samples, batch_size, seed):
-                run_on_batch(model, batch.to(device), example_shape)
+            for batch, size in batches:
+                if batch is None:
+                    if on_skip is not None:
+                        on_skip(size)
+                else:
+                    run_on_batch(model, batch.to(device), example_shape)
                 n_batches += 1
-                bar.update(len(batch))
+                bar.update(size)
     finally:
         bar.close()
         for handle in handles:

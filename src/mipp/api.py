@@ -11,6 +11,10 @@ Device: with `device=` ("cpu", "cuda", "cuda:1", "auto") the model is moved ther
 returned there; `select_plan`: a copy when the model is elsewhere) and capture, gradient criteria, reconstruction
 statistics (float64 accumulators) and recalibration run there; the captured activations go to the host, where the
 MI estimators work in float64. Without it, everything runs where the model's parameters are.
+
+Under torchrun (`mipp.distributed`), every rank calls `prune` on the same model and data: the calibration passes of
+capture and reconstruction share the batches among the ranks and combine their results, every rank selects on the
+same statistics, rank 0's Plan is broadcast, and every rank applies it (the same pruned model everywhere).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from mipp import distributed
 from mipp.activations import calibration_batches, check_calibration_data
 from mipp.measure import CostModel
 from mipp.methods import Budget, PruneContext, get_method
@@ -63,6 +68,7 @@ def _select(model: nn.Module, data, method: str, budget, metric: str, context_op
                            expected_from=_shape_source(model, context_options["example_input"]))
     check_finite_model(model)
     plan = info.select(ctx, budget, **options)
+    plan = distributed.broadcast_plan(plan)  # under torchrun: rank 0's, so every rank applies the same Plan
     check_plan_scores(plan)
     return plan, ctx
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from mipp.activations import calibration_pass
+from mipp import distributed
+from mipp.activations import calibration_batches, calibration_pass
 from mipp.mi.gaussian import GaussianMoments
 from mipp.units import Coupling, UnitGraph
 
@@ -116,6 +117,10 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
     """Per group, the moments of each distinct reader (one per reading point) on the calibration data."""
     device = torch.device(device or next(model.parameters()).device)
     generator = torch.Generator().manual_seed(seed)
+    on_skip = None
+    if distributed.active():  # another rank's batch: draw its positions anyway, so that the next batch draws as
+        readers = [c.module_name for g in units.groups for c in units.reading_points[g.key]]  # one process would
+        on_skip = skipped_draws(model, readers, generator, data, seed, device)  # (before the hooks below exist)
     collected: dict[str, list[ReaderMoments]] = {}
     handles = []
     for group in units.groups:
@@ -132,12 +137,79 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             collected[group.key].append(stats)
             handles.append(module.register_forward_hook(_accumulate(stats, columns, generator, positions_per_image)))
     calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
-                     batch_size=batch_size, seed=seed, device=device)
+                     batch_size=batch_size, seed=seed, device=device, shard=True, on_skip=on_skip)
+    if distributed.active():
+        _combine_ranks([s for readers in collected.values() for s in readers])
     for stats in (s for readers in collected.values() for s in readers):
         if stats.images == 0:
             raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
                              "reaches it")
     return collected
+
+
+def skipped_draws(model: nn.Module, readers: list[str], generator: torch.Generator, data, seed: int, device):
+    """A function `skip(n)` that draws from `generator` what the sampling hooks on `readers` (one per name, in the
+    order they were registered) draw for a batch of n images, without running the batch: under torchrun a rank
+    skips the other ranks' batches, and its next batch must draw the positions one process would draw there.
+
+    The draws per convolution call (`draw_positions`: n x its output positions) are found by one forward pass of
+    a single calibration sample with hooks registered in the same order, so they fire in the same order."""
+    totals: list[int] = []
+
+    def record(module, inputs, output):
+        if not isinstance(module, nn.Linear):
+            totals.append(math.prod(output.shape[2:]))
+
+    handles = [model.get_submodule(name).register_forward_hook(record) for name in readers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(next(iter(calibration_batches(data, 1, 1, seed))).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    def skip(n: int) -> None:
+        for total in totals:
+            draw_positions(generator, n, total)
+    return skip
+
+
+def draw_positions(generator: torch.Generator, n: int, total: int) -> torch.Tensor:
+    """(n, total) uniform numbers from `generator`: one draw per image and output position, whose order sorts the
+    positions into a random sample without replacement."""
+    return torch.rand(n, total, generator=generator)
+
+
+def _combine_ranks(readers: list[ReaderMoments]) -> None:
+    """Replace each rank's moments by those of every rank's samples, the same on every rank: counts and sums
+    all-reduced, then each rank's scatter taken about the global mean (its own scatter plus n (mean - global
+    mean)^2, Chan's pairwise formula) and all-reduced, in float64; so no large mean is subtracted from a raw sum of
+    squares, and one reader's matrix is reduced at a time (bounded memory)."""
+    counts = torch.tensor([[r.moments.count, r.images, r.positions if r.images else 0] for r in readers],
+                          dtype=torch.int64)
+    positions = torch.zeros(len(readers), distributed.world_size(), dtype=torch.int64)
+    positions[:, distributed.rank()] = counts[:, 2]
+    distributed.all_reduce_sum(positions)  # every rank's samples per image (0: a rank without batches)
+    distributed.all_reduce_sum(counts[:, :2])
+    for k, stats in enumerate(readers):
+        own, dim = stats.moments, stats.n_units * stats.f + stats.n_outputs
+        count = int(counts[k, 0])
+        total = own.mean * own.count if own.count else torch.zeros(dim, dtype=torch.float64)
+        mean = distributed.all_reduce_sum(total.clone()) / max(count, 1)
+        if own.count:
+            shift = own.mean - mean
+            scatter = own.scatter + own.count * torch.outer(shift, shift)
+        else:
+            scatter = torch.zeros(dim, dim, dtype=torch.float64)
+        scatter = distributed.all_reduce_sum(scatter)
+        between = stats.between if stats.between is not None else torch.zeros(stats.n_outputs, dtype=torch.float64)
+        stats.between = distributed.all_reduce_sum(between.clone())
+        stats.moments = GaussianMoments._from_parts(count, mean, scatter) if count else GaussianMoments()
+        stats.images = int(counts[k, 1])
+        stats.positions = max(1, int(positions[k].max()))
 
 
 def _accumulate(stats: ReaderMoments, columns: torch.Tensor, generator: torch.Generator, positions: int):
@@ -164,7 +236,7 @@ def sample_patches(conv: nn.Module, x: torch.Tensor, y: torch.Tensor, channels: 
     n, spatial = x.shape[0], y.shape[2:]
     total = math.prod(spatial)
     count = min(positions, total)
-    flat = torch.rand(n, total, generator=generator).argsort(1)[:, :count].to(x.device)  # (n, count)
+    flat = draw_positions(generator, n, total).argsort(1)[:, :count].to(x.device)  # (n, count)
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     padded = nn.functional.pad(x[:, channels.to(x.device)], conv._reversed_padding_repeated_twice, mode=mode)
     d = len(spatial)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mipp.activations import calibration_batches
+from mipp import distributed
+from mipp.activations import calibration_batches, sharded_batches
 from mipp.plan import Plan
-from mipp.positions import ReaderMoments, sample_patches
+from mipp.positions import ReaderMoments, sample_patches, skipped_draws
 from mipp.surgery import check_plan_matches, plan_input
 from mipp.units import WEIGHTED_READERS, UnitGraph, find_units
 
@@ -64,6 +65,13 @@ class ReaderStatistics:
         self.input_sum += features.sum(0, dtype=torch.float64)
         self.output_sum += targets.sum(0, dtype=torch.float64)
         self.rows += features.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of a torchrun group (float64 sums: the order changes them only at the
+        level of rounding), so every rank holds those of every rank's rows."""
+        for tensor in (self.gram, self.cross, self.input_sum, self.output_sum):
+            distributed.all_reduce_sum(tensor)
+        self.rows = distributed.sum_scalar(self.rows)
 
     def solve(self, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Ridge least-squares weights (out, k) and bias (out,) or None; the bias is not penalised (the problem is
@@ -141,18 +149,28 @@ def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: Unit
     if not pending:
         return statistics
     generator = torch.Generator().manual_seed(seed)
+    sharded = distributed.active()  # under torchrun: this rank's batches, then the sums of all ranks
+    skip = skipped_draws(model, list(pending), generator, data, seed, device) if sharded else None
     handles = [model.get_submodule(name).register_forward_hook(_accumulate(stats, generator, positions_per_image))
                for name, stats in pending.items()]
     was_training = model.training
     model.eval()
+    batches = (sharded_batches(data, n_samples, batch_size, seed) if sharded
+               else ((batch, None) for batch in calibration_batches(data, n_samples, batch_size, seed)))
     try:
         with torch.no_grad():
-            for batch in calibration_batches(data, n_samples, batch_size, seed):
-                model(batch.to(device))
+            for batch, size in batches:
+                if batch is None:
+                    skip(size)
+                else:
+                    model(batch.to(device))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if sharded:
+        for stats in pending.values():
+            stats.all_reduce()
     return statistics
 
 

@@ -9,6 +9,14 @@ Why it looks the way it does:
   overhead.  Other data sets go through a DataLoader fed the same index batches.
 - Checkpoints (model, optimizer, scheduler, position, RNG state, config, history) go through
   :func:`mipp.io.atomic_torch_save`, so a kill at any moment leaves the last good checkpoint.
+- Under torchrun (``mipp.distributed``) the model is wrapped in DistributedDataParallel and every global batch of
+  the same permutation is cut into ``world`` contiguous parts, one per rank (``batch_size / world`` each; a batch
+  size the ranks cannot share evenly is an error), so a step sees the examples one process's step sees and DDP
+  averages the gradients; a trailing batch too small to give every rank 2 examples is dropped. Batch norms use
+  each rank's own part (DDP's default), and their buffers follow rank 0. Rank 0 alone writes checkpoints, with the
+  epoch's running sums of all ranks and every rank's RNG state; every rank resumes from it, so a killed and resumed
+  run ends as an uninterrupted run with the same number of processes ends. Evaluation is sharded across the ranks
+  and its sums all-reduced.
 
 Defaults (``TrainConfig``): SGD with Nesterov momentum 0.9, lr 0.05 (Adam/AdamW: 1e-3), weight decay 5e-4,
 batch 128, cosine decay per step to zero, no warm-up, no label smoothing, no augmentation.
@@ -27,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mipp import distributed
 from mipp.checkpoint import TRAIN_STATE_FORMAT, CheckpointError, read_record
 from mipp.io import atomic_torch_save, derived_seed
 from mipp.progress import Progress
@@ -240,12 +249,17 @@ def _evaluate_source(model: nn.Module, source: BatchSource, batch_size: int) -> 
         raise ValueError("cannot evaluate on an empty data set")
     loss_sum = torch.zeros((), dtype=torch.float64, device=source.device)
     correct = torch.zeros((), dtype=torch.long, device=source.device)
+    batches = list(torch.arange(n).split(batch_size))
+    if distributed.active():  # under torchrun: every world-th batch, then the sums of all ranks
+        batches = batches[distributed.rank()::distributed.world_size()]
     with _modes_kept(model):
         model.eval()
-        for inputs, targets in source(list(torch.arange(n).split(batch_size))):
+        for inputs, targets in source(batches):
             outputs = model(inputs)
             loss_sum += F.cross_entropy(outputs, targets, reduction="sum").double()
             correct += (outputs.argmax(1) == targets).sum()
+    distributed.all_reduce_sum(loss_sum)
+    distributed.all_reduce_sum(correct)
     return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "n": n}
 
 
@@ -254,7 +268,8 @@ def evaluate(model: nn.Module, dataset: Any, *, batch_size: int = 512,
     """Mean cross-entropy and accuracy of ``model`` on ``dataset`` -> ``{"loss", "accuracy", "n"}``.
 
     Runs under no_grad in eval mode and restores every module's train/eval mode afterwards.  ``device`` None: where
-    the model's parameters are; otherwise the model is moved there.
+    the model's parameters are; otherwise the model is moved there.  Under torchrun every rank must call it: each
+    evaluates its share of the batches and all get the totals.
     """
     device = _model_device(model) if device is None else resolve_device(device)
     model.to(device)
@@ -268,20 +283,26 @@ def _fingerprint(model: nn.Module, config: TrainConfig, n_train: int, identity: 
     """What a checkpoint must match to be resumed: result-affecting config, model shapes, data size, identity."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RESULT_NEUTRAL_FIELDS}
     settings["lr"] = config.effective_lr
-    return {
+    fingerprint = {
         "config": settings,
         "model_config": getattr(model, "mipp_config", None),
         "model_shapes": {name: list(t.shape) for name, t in model.state_dict().items()},
         "n_train": n_train,
         "identity": identity,
     }
+    if distributed.world_size() > 1:  # recorded only then, so one process's checkpoints stay as they were
+        fingerprint["world_size"] = distributed.world_size()
+    return fingerprint
 
 
 def _differences(found: dict, expected: dict) -> list[str]:
     diffs = []
+    if found.get("world_size", 1) != expected.get("world_size", 1):  # the key exists only under torchrun
+        diffs.append(f"processes (torchrun ranks): {found.get('world_size', 1)} there, "
+                     f"{expected.get('world_size', 1)} now")
     for key in expected:
         a, b = found.get(key), expected[key]
-        if a == b:
+        if a == b or key == "world_size":
             continue
         if key == "config" and isinstance(a, dict):
             diffs += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in b if a.get(k) != b.get(k)]
@@ -301,10 +322,24 @@ def _cuda_indices(device: torch.device) -> list[int]:
 # ------------------------------------------------------------------------------------------------------ fit
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Number of batches :func:`epoch_batches` yields (a trailing batch of one example is dropped)."""
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Number of batches :func:`epoch_batches` yields (a trailing batch of one example is dropped); with ``world``
+    ranks, :func:`rank_batches`'s (a trailing batch of fewer than 2 examples per rank is dropped)."""
     steps = math.ceil(n / batch_size)
+    if world > 1:
+        return steps - 1 if n - (steps - 1) * batch_size < 2 * world else steps
     return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+
+
+def rank_batches(batches: list[torch.Tensor], rank: int, world: int) -> tuple[list[torch.Tensor], list[float]]:
+    """Rank ``rank``'s part of each global batch (``world`` contiguous parts: ``torch.tensor_split``), and the
+    factor on its mean loss that makes DDP's average of the ranks' gradients the gradient of the global batch's mean
+    loss (1 when the parts are equal; a trailing batch's may not be). A trailing batch of fewer than 2 examples per
+    rank is dropped (a batch norm cannot train on one example)."""
+    if len(batches[-1]) < 2 * world:
+        batches = batches[:-1]
+    parts = [batch.tensor_split(world)[rank] for batch in batches]
+    return parts, [len(part) * world / len(batch) for part, batch in zip(parts, batches)]
 
 
 def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, eval_set: Any = None,
@@ -336,7 +371,11 @@ def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, 
         if trainer.path is not None and resume and trainer.path.exists():
             trainer.restore()
             resumed_from = {"epoch": trainer.epoch, "step": trainer.step}
-        with Progress(config.epochs * trainer.steps_per_epoch, description, "batch", enabled=progress,
+        if trainer.world > 1:
+            trainer.network = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=_cuda_indices(device) or None)
+        with Progress(config.epochs * trainer.steps_per_epoch, description, "batch",
+                      enabled=progress and distributed.is_main(),
                       initial=trainer.epoch * trainer.steps_per_epoch + trainer.step) as trainer.bar:
             while trainer.epoch < config.epochs:
                 trainer.train_epoch()
@@ -353,9 +392,19 @@ class _Trainer:
         if n < 2:
             raise ValueError(f"the training set has {n} example(s); at least 2 are needed")
         self.model, self.source, self.config, self.device = model, source, config, source.device
+        self.network = model  # what the training steps call: fit() wraps it in DDP under torchrun
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            _check(config.batch_size % self.world == 0,
+                   f"batch_size={config.batch_size} cannot be shared by the {self.world} processes torchrun started: "
+                   f"pass a multiple of {self.world} (each process takes batch_size / {self.world} examples of "
+                   "every batch)")
+            _check(steps_per_epoch(n, config.batch_size, self.world) > 0,
+                   f"the training set has {n} examples: too few for {self.world} processes (each needs at least 2 "
+                   "per batch); use fewer processes (--nproc-per-node) or more data")
         self.eval_source, self.path, self.callbacks = eval_source, path, callbacks
         self.bar = Progress(None, "training", enabled=False)  # fit() replaces it with the run's progress
-        self.steps_per_epoch = steps_per_epoch(n, config.batch_size)
+        self.steps_per_epoch = steps_per_epoch(n, config.batch_size, self.world)
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config, self.steps_per_epoch))
@@ -373,6 +422,9 @@ class _Trainer:
         """Finish epoch ``self.epoch`` from step ``self.step``, evaluate, record it and checkpoint."""
         config = self.config
         batches = epoch_batches(len(self.source), config.batch_size, config.seed, self.epoch)
+        weights = [1.0] * len(batches)
+        if self.world > 1:
+            batches, weights = rank_batches(batches, self.rank, self.world)
         started = time.perf_counter() - self.seconds
         self.model.train()
         epoch_label = f"epoch {self.epoch + 1}/{config.epochs}"
@@ -382,7 +434,7 @@ class _Trainer:
             if config.augment == "flip-crop":
                 inputs = flip_crop(inputs, _generator(config.seed, "augment", self.epoch, self.step))
             lr = self.optimizer.param_groups[0]["lr"]
-            loss = self._train_step(inputs, targets)
+            loss = self._train_step(inputs, targets, weights[self.step])
             global_step = self.epoch * len(batches) + self.step
             if config.checkpoint_every and global_step % config.checkpoint_every == 0 and self.step < len(batches):
                 self.seconds = time.perf_counter() - started
@@ -401,11 +453,11 @@ class _Trainer:
         for callback in self.callbacks:
             callback({"event": "epoch", **row})
 
-    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = self.model(inputs)
+        outputs = self.network(inputs)
         loss = F.cross_entropy(outputs, targets, label_smoothing=self.config.label_smoothing)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         self.optimizer.step()
         self.scheduler.step()
         self.loss_sum += loss.detach().double() * len(targets)
@@ -415,6 +467,9 @@ class _Trainer:
         return loss.detach()
 
     def _epoch_row(self, started: float, lr: float) -> dict:
+        if self.world > 1:  # the epoch's sums over every rank; batch-norm buffers as rank 0 has them
+            self._reduce_sums()
+            distributed.broadcast_buffers(self.model)
         train_loss = self.loss_sum.item() / max(1, self.seen)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged (loss {train_loss} in epoch {self.epoch + 1}); lower the "
@@ -428,10 +483,26 @@ class _Trainer:
         row["seconds"] = time.perf_counter() - started
         return row
 
+    def _reduce_sums(self) -> None:
+        """The running sums of every rank, on rank 0; the other ranks' go to zero (so that a later reduction, or a
+        resume from rank 0's checkpoint, counts each example once)."""
+        distributed.all_reduce_sum(self.loss_sum)
+        distributed.all_reduce_sum(self.correct)
+        self.seen = distributed.sum_scalar(self.seen)
+        if self.rank != 0:
+            self.reset_sums(seconds=self.seconds)
+
     def save(self) -> None:
         if self.path is None:
             return
         cuda = _cuda_indices(self.device)
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda[0]) if cuda else None}
+        extra = {}
+        if self.world > 1:  # collectives first, on every rank; then rank 0 alone writes
+            self._reduce_sums()
+            extra["rng_ranks"] = distributed.all_gather_objects(rng)
+            if self.rank != 0:
+                return
         atomic_torch_save(self.path, {
             "format": TRAIN_STATE_FORMAT,
             "fingerprint": self.fingerprint,
@@ -444,7 +515,8 @@ class _Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda[0]) if cuda else None},
+            "rng": rng,
+            **extra,
         })
 
     def restore(self) -> None:
@@ -458,10 +530,15 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
         self.reset_sums(**state["sums"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
+        rng = state["rng"]
+        if self.world > 1:  # rank 0 saved every rank's sums (the others count from zero) and RNG state
+            rng = state["rng_ranks"][self.rank]
+            if self.rank != 0:
+                self.reset_sums(seconds=state["sums"]["seconds"])
+        torch.set_rng_state(rng["torch"].cpu())
         cuda = _cuda_indices(self.device)
-        if cuda and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), cuda[0])
+        if cuda and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), cuda[0])
         if self.epoch < self.config.epochs:
             log.info("resuming %s at epoch %d, step %d", self.path, self.epoch + 1, self.step)
         else:

@@ -198,12 +198,59 @@ def setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+# Commands that run as one job over several processes under torchrun (mipp.distributed); the others refuse.
+DISTRIBUTED_COMMANDS = ("train", "eval", "prune")
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def torchrun_world() -> int:
+    """The number of processes torchrun started (0 when this process was not started by torchrun). Read from the
+    environment, without importing torch."""
+    if not all(os.environ.get(name, "").strip() for name in TORCHRUN_VARIABLES):
+        return 0
+    return int(os.environ["WORLD_SIZE"])
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace):
+    """Under torchrun, join the process group for the command (rank 0 alone shows progress and prints the result);
+    yields whether this process prints. A command that cannot share its work refuses several processes."""
+    world = torchrun_world()
+    if not world:
+        yield True
+        return
+    if world > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        raise ValueError(f"`mipp {args.command}` does not run under torchrun (it started {world} processes); run it "
+                         f"as one process (python -m mipp {args.command} ...). Under torchrun: "
+                         f"{', '.join(DISTRIBUTED_COMMANDS)}")
+    from mipp import distributed
+    from mipp.progress import quiet
+
+    with distributed.process_group(getattr(args, "device", "auto")):
+        if distributed.is_main():
+            yield True
+            return
+        logger = logging.getLogger("mipp")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # rank 0 tells the story; the others only warn
+        try:
+            with quiet():
+                yield False
+        finally:
+            logger.setLevel(level)
+
+
 def run_handler(args: argparse.Namespace) -> int:
-    """Run the parsed command's handler and print its result; returns the exit status (0, 2 or 130)."""
+    """Run the parsed command's handler and print its result; returns the exit status (0, 2 or 130).
+
+    Under torchrun each process runs the handler (the handlers share the work through mipp.distributed) and rank
+    0 alone prints the result."""
     stdout = sys.stdout
+    prints = True
     try:
         with contextlib.redirect_stdout(sys.stderr):  # only the result itself goes to stdout
-            result = args.handler(args)
+            with _process_group(args) as prints:
+                result = args.handler(args)
     except BAD_INPUT_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = in_flag_terms(message, getattr(args, "flags", None))
@@ -212,6 +259,8 @@ def run_handler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"mipp {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not prints:
+        return 0
     if args.json:
         print(json.dumps(result), file=stdout)
     else:

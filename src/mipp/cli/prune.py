@@ -10,7 +10,8 @@ from mipp.cli.common import (add_command, add_data_arguments, add_threads_argume
 
 PRUNE_FLAGS = flag_names("n_samples", "min_units", "budget", "metric", "confidence", "estimator", "pool", "limit",
                          "seed", "device", "data_root", "recalibration_batches", "n_batches",
-                         lr="--finetune-lr", epochs="--finetune-epochs")
+                         lr="--finetune-lr", epochs="--finetune-epochs", batch_size="--finetune-batch-size",
+                         num_workers="--num-workers")
 DEMO_FLAGS = flag_names("epochs", "limit", "seed", "device", "data_root", "n_samples", budget="--budgets")
 
 
@@ -57,6 +58,14 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model (default 0)")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-batch-size", type=int, default=None,
+                        help="fine-tuning batch size, over all processes under torchrun (default 128)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="DataLoader workers for fine-tuning on data read from files (default 0)")
+    parser.add_argument("--finetune-checkpoint-every", type=int, default=0, metavar="STEPS",
+                        help="save the fine-tuning state to OUT/finetune-state.pt every STEPS steps and at each epoch "
+                             "end, and resume from it when the same command is rerun (it prunes again, to the same "
+                             "model, first); default 0: no state file")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>-<method>)")
     add_threads_argument(parser)
@@ -64,7 +73,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def prune_command(args: argparse.Namespace) -> dict:
-    from mipp import data
+    from mipp import data, distributed
     from mipp.api import prune
     from mipp.checkpoint import load_model, save_model
     from mipp.io import atomic_write_json, atomic_write_text
@@ -100,18 +109,32 @@ def prune_command(args: argparse.Namespace) -> dict:
               "accuracy_before": before["accuracy"], "accuracy_pruned": after["accuracy"],
               "params_before": count_params(model), "params_after": count_params(pruned),
               **{k: v for k, v in plan.stats.items()}, "guard_hits": plan.guard_hits}
-    if args.finetune_epochs:
-        tune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, device=args.device,
-                           checkpoint_every=0)
-        fit(pruned, splits["train"], tune, description=f"fine-tuning the pruned {args.method} model")
-        result["accuracy_finetuned"] = evaluate(pruned, splits["test"], device=device)["accuracy"]
     out = Path(args.out or f"{Path(args.checkpoint).parent}-{args.method}")
-    save_model(out / "model.pt", pruned.cpu(), plan=plan.to_dict(), metrics=result)
-    plan.save(out / "plan.json")
-    atomic_write_text(out / "summary.txt", plan.summary() + "\n")
+    if args.finetune_epochs:
+        sizes = {} if args.finetune_batch_size is None else {"batch_size": args.finetune_batch_size}
+        tune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed, device=args.device,
+                           checkpoint_every=0, num_workers=args.num_workers, **sizes)
+        resumable = args.finetune_checkpoint_every > 0
+        if resumable:
+            tune.checkpoint_every = args.finetune_checkpoint_every
+        identity = {"checkpoint": str(args.checkpoint), "data": data_name, "data_options": options,
+                    "limit": args.limit, "plan": plan.kept}
+        tuned = fit(pruned, splits["train"], tune, description=f"fine-tuning the pruned {args.method} model",
+                    checkpoint_path=out / "finetune-state.pt" if resumable else None, identity=identity)
+        if tuned["resumed_from"] is not None:
+            result["finetune_resumed_from"] = tuned["resumed_from"]
+        result["accuracy_finetuned"] = evaluate(pruned, splits["test"], device=device)["accuracy"]
+    writes = distributed.is_main()  # under torchrun every rank holds the same pruned model; rank 0 writes it
+    if writes:
+        save_model(out / "model.pt", pruned.cpu(), plan=plan.to_dict(), metrics=result)
+        plan.save(out / "plan.json")
+        atomic_write_text(out / "summary.txt", plan.summary() + "\n")
     result.update(out=str(out), model_path=str(out / "model.pt"), plan_path=str(out / "plan.json"),
                   summary=plan.summary(), wall_seconds=time.perf_counter() - started)
-    atomic_write_json(out / "metrics.json", result)
+    if distributed.world_size() > 1:
+        result["processes"] = distributed.world_size()
+    if writes:
+        atomic_write_json(out / "metrics.json", result)
     return result
 
 

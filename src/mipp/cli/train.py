@@ -28,6 +28,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model name (see mipp.models.MODEL_NAMES)")
     add_data_arguments(parser)
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the model (default 1.0)")
+    parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra argument of the model, e.g. stem=imagenet for resnet18/34/50 (repeatable)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 10)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.05 sgd, 1e-3 adam)")
@@ -60,7 +62,7 @@ def _train_config(args: argparse.Namespace):
 def train_command(args: argparse.Namespace) -> dict:
     import torch
 
-    from mipp import data
+    from mipp import data, distributed
     from mipp.checkpoint import save_model
     from mipp.io import atomic_write_json
     from mipp.models import build_model
@@ -74,7 +76,7 @@ def train_command(args: argparse.Namespace) -> dict:
     info = data_call(data.dataset_info, data_name, root=args.data_root, **options)
     torch.manual_seed(config.seed)
     model = build_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                        input_size=info.input_size, width=args.width)
+                        input_size=info.input_size, width=args.width, **parse_key_values(args.model_option))
     out = Path(args.out or f"runs/{args.model}-{data_name}-s{config.seed}")
     splits = {split: data_call(data.load_dataset, data_name, split, root=args.data_root, limit=args.limit, seed=0,
                                 **options) for split in ("train", "test")}
@@ -94,8 +96,9 @@ def train_command(args: argparse.Namespace) -> dict:
     }
     metrics = {**summary, "config": config.to_dict(), "model_config": model.mipp_config, "identity": identity,
                "history": history}
-    save_model(out / "model.pt", model, metrics=metrics)
-    atomic_write_json(out / "metrics.json", metrics)
+    if distributed.is_main():  # under torchrun every rank ends with the same weights; rank 0 writes them
+        save_model(out / "model.pt", model, metrics=metrics)
+        atomic_write_json(out / "metrics.json", metrics)
     return summary
 
 
