@@ -448,6 +448,7 @@ class GaussianLayerSession(LayerSession):
         self.d_y = cov.shape[0] - self.n_units * self.f
         # the target's own (regularised) variances: they turn correlation-scale residuals back into its scale
         self.target_variance = torch.diagonal(cov)[self.n_units * self.f:].clone()
+        self._target_sd, self._target_total = self.target_variance.sqrt(), float(self.target_variance.sum())
         self.confidence = check_confidence(confidence)
         self.refresh_every = int(refresh_every)
         self.kept = list(range(self.n_units))
@@ -502,7 +503,10 @@ class GaussianLayerSession(LayerSession):
         residual = 0.5 * (residual + residual.transpose(1, 2))
         return half_logdet_eye_plus(residual, explained)
 
-    def _phi(self, sl: slice) -> torch.Tensor:
+    def _phi(self, sl: slice) -> torch.Tensor | float:
+        if self.f == 1:  # one feature per unit (spatial means): the same formula in scalars, without eigvalsh
+            b = self.B[:, sl.start]
+            return 0.5 * math.log1p(max(float(b @ self.Q.mv(b)), 0.0) / float(self.P[sl.start, sl.start]))
         P_ii = self.P[sl, sl]
         B_i = self.B[:, sl]
         M = B_i.T @ self.Q @ B_i
@@ -548,9 +552,12 @@ class GaussianLayerSession(LayerSession):
         a factor 1 + target_ridge).
         """
         sl = self._slice(self._check_kept(i))
-        scaled = self.B[:, sl] * self.target_variance.sqrt()[:, None]  # (d_y, f): D B_I
+        if self.f == 1:  # the same in scalars
+            scaled = self.B[:, sl.start] * self._target_sd  # (d_y,): D B_I
+            return max(float(scaled @ scaled) / float(self.P[sl.start, sl.start]), 0.0) / self._target_total
+        scaled = self.B[:, sl] * self._target_sd[:, None]  # (d_y, f): D B_I
         lost = torch.trace(scaled @ torch.linalg.solve(self.P[sl, sl], scaled.T))
-        return float(lost.clamp_min(0.0) / self.target_variance.sum())
+        return float(lost.clamp_min(0.0)) / self._target_total
 
     def _check_kept(self, i: int) -> int:
         i = int(i)
@@ -568,13 +575,14 @@ class GaussianLayerSession(LayerSession):
         P_col = self.P[:, sl].clone()  # (m f, f); zero in the rows of removed units
         P_ii = P_col[sl].clone()
         B_i = self.B[:, sl].clone()
-        C = spd_inverse(P_ii)
+        inverse = torch.reciprocal if self.f == 1 else spd_inverse  # a 1 x 1 block's inverse is exact
+        C = inverse(P_ii)
         # inverse of Cov(X_{S\i}): P - P[:, i] P_ii^{-1} P[i, :]; coefficients without unit i: B - B_i P_ii^{-1} P[i, :]
         self.P.addmm_(P_col @ C, P_col.T, alpha=-1.0)
         self.B.addmm_(B_i @ C, P_col.T, alpha=-1.0)
         # Woodbury: (R + B_i P_ii^{-1} B_i^T)^{-1} = Q - Q B_i (P_ii + B_i^T Q B_i)^{-1} B_i^T Q
         QB = self.Q @ B_i
-        self.Q.addmm_(QB @ spd_inverse(P_ii + B_i.T @ QB), QB.T, alpha=-1.0)
+        self.Q.addmm_(QB @ inverse(P_ii + B_i.T @ QB), QB.T, alpha=-1.0)
         self.P[sl, :] = 0.0
         self.P[:, sl] = 0.0
         self.B[:, sl] = 0.0
