@@ -176,8 +176,9 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
             session = features.open(group, kept, estimator, confidence)
             unit_mi = session.unit_mi()
             if cache is not None:
-                cache[signature] = (copy.deepcopy(session), unit_mi)
+                _remember(cache, signature, (copy.deepcopy(session), unit_mi, group.key))
         else:
+            cache[signature] = cache.pop(signature)  # most recently used last
             session, unit_mi = copy.deepcopy(cache[signature][0]), cache[signature][1]
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
         floor = ctx.min_width(group.size)
@@ -201,6 +202,20 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
             remaining[group.key] = [(u, session.variance_share_lost(u)) for u in session.kept]
     bar.close()
     return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining)
+
+
+CACHED_TARGETS_PER_GROUP = 4  # fresh sessions a budget search keeps per group (the most recently used ones)
+
+
+def _remember(cache: dict, signature, entry: tuple) -> None:
+    """Add (fresh session, unit MI, group) to the sweep cache, dropping the least recently used entries of the same
+    group beyond CACHED_TARGETS_PER_GROUP: a search's sweeps revisit recent targets, and every kept session holds
+    its matrices. A session from the cache is a copy of what opening it again computes, so the bound changes no
+    result, only how often a session is opened."""
+    cache[signature] = entry
+    mine = [key for key, value in cache.items() if value[2] == entry[2]]
+    for stale in mine[:-CACHED_TARGETS_PER_GROUP]:
+        del cache[stale]
 
 
 def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,

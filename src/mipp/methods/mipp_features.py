@@ -19,6 +19,7 @@ import torch
 from mipp.activations import Activations
 from mipp.mi.base import LayerSession, TestResult, decide
 from mipp.mi.gaussian import GaussianEstimator, GaussianLayerSession, regularise
+from mipp.mi.gaussian_wide import open_session
 from mipp.positions import ReaderMoments
 from mipp.units import UnitGraph, UnitGroup
 
@@ -28,12 +29,19 @@ class MeanFeatures:
 
     def __init__(self, units: UnitGraph, acts: Activations):
         self.acts, self.producer_of = acts, units.producer_group()
+        self.units_cache: dict = {}  # group -> the units' side of a wide Gaussian session (same for every target)
 
     def signature(self, group: UnitGroup, kept: dict[str, list[int]]):
         return self._target(group, kept)[1]
 
     def open(self, group: UnitGroup, kept: dict[str, list[int]], estimator, confidence: float) -> LayerSession:
-        return estimator.session(self.acts.units[group.key], self._target(group, kept)[0], confidence)
+        """The estimator's session; a Gaussian one on many features (a residual stream read at many points, or
+        its wide target) in the form that never builds their joint covariance (`mipp.mi.gaussian_wide`: the same
+        quantities, computed in the units' or the samples' space)."""
+        units, target = self.acts.units[group.key], self._target(group, kept)[0]
+        if isinstance(estimator, GaussianEstimator):
+            return open_session(estimator, units, target, confidence, self.units_cache, group.key)
+        return estimator.session(units, target, confidence)
 
     def _target(self, group, kept):
         return target_of(group, self.acts, kept, self.producer_of)
