@@ -4,7 +4,8 @@ The issue's case (17, item 4): ResNet-50 (bottleneck, ImageNet stem; mipp.models
 torchvision's) for 10 classes at 64x64, random init (seed 0), pruned by MIPP at 50% of MACs on 512 seeded random
 calibration images. A residual stream is read at many points (every block's conv1, the next stage's shortcut), which
 is what makes its selection large. Printed: the capture forward pass (the floor every activation method pays),
-the selection (MIPP's price search and sweeps on the captured activations), their ratio, and the process's peak
+the selection (MIPP's price search and sweeps on the captured activations), their ratio (against the faster of two
+captures: load from other work on a shared machine only ever slows a run down), and the process's peak
 resident memory (`resource.getrusage(...).ru_maxrss`, the high-water mark of the whole process: after the capture
 and after the selection). The goal of the issue: selection at most 3x capture, peak memory under 2 GB.
 
@@ -56,7 +57,8 @@ def main() -> None:
     parser.add_argument("--confidence", action="store_true", help="confidence mode (one sweep) instead of budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=600, help="seconds before the selection is given up")
-    parser.add_argument("--profile", type=int, default=0, help="print this many top functions by cumulative time")
+    parser.add_argument("--profile", type=int, default=0, help="print this many top functions of a profile")
+    parser.add_argument("--sort", default="cumulative", help="profile order: cumulative or tottime")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -68,9 +70,12 @@ def main() -> None:
     print(f"{args.model} width {args.width}, {args.input_size}x{args.input_size}, {args.samples} samples, "
           f"{len(ctx.units.groups)} groups, {ctx.units.total_units} units, widest group {widest} features, "
           f"{torch.get_num_threads()} thread(s)")
-    start = time.perf_counter()
-    acts = capture(model, ctx.units, data, n_samples=args.samples)
-    capture_s = time.perf_counter() - start
+    captures = []
+    for _ in range(2):  # the faster of two (a shared machine's load only slows a run down): the ratio's reference
+        start = time.perf_counter()
+        acts = capture(model, ctx.units, data, n_samples=args.samples)
+        captures.append(time.perf_counter() - start)
+    capture_s = min(captures)
     after_capture = peak_rss_mb()
     budget = None if args.confidence else Budget(args.budget, "macs")
     profiler = cProfile.Profile() if args.profile else None
@@ -90,7 +95,7 @@ def main() -> None:
             profiler.disable()
     select_s = time.perf_counter() - start
     mode = "confidence 0.95" if budget is None else f"{100 * args.budget:.0f}% of MACs"
-    print(f"{'capture forward pass':<40} {capture_s:>9.2f} s")
+    print(f"{'capture forward pass (faster of two)':<40} {capture_s:>9.2f} s  ({captures[0]:.2f} s, {captures[1]:.2f} s)")
     if plan is None:
         print(f"{'selection (' + mode + ')':<40} NOT FINISHED after {select_s:.0f} s")
     else:
@@ -101,7 +106,7 @@ def main() -> None:
     print(f"{'peak RSS after capture (ru_maxrss)':<40} {after_capture:>9.0f} MB")
     print(f"{'peak RSS after selection (ru_maxrss)':<40} {peak_rss_mb():>9.0f} MB  (goal < 2048)")
     if profiler:
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
+        pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.profile)
 
 
 if __name__ == "__main__":

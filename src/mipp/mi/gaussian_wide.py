@@ -249,8 +249,8 @@ class UnitSpaceSession(_WideSession):
 
 
 class SampleSpaceSession(_WideSession):
-    """At least as many unit features as samples: K1 = M1^{-1} and K2 = M2^{-1} (n x n) for the kept set, with
-    M1 = I + z_S z_S^T and M2 = M1 + Z_y E_y^{-1} Z_y^T, z = Z_x E_x^{-1/2} (see module doc)."""
+    """At least as many unit features as samples: K = (K1, K2) with K1 = M1^{-1} and K2 = M2^{-1} (n x n) for the
+    kept set, M1 = I + z_S z_S^T and M2 = M1 + Z_y E_y^{-1} Z_y^T, z = Z_x E_x^{-1/2} (see module doc)."""
 
     _shared = ("side", "z", "G_w", "_unit_mi")
 
@@ -258,8 +258,7 @@ class SampleSpaceSession(_WideSession):
         super().__init__(side, t, confidence)
         G_y, K0, self.G_w = _target_grams(t)
         self.z = side.z
-        self.K1 = side.inverse.clone()
-        self.K2 = spd_inverse(side.M1 + G_y)
+        self.K = torch.stack([side.inverse, spd_inverse(side.M1 + G_y)])  # K1, K2: one product serves both
         # I(X_i; Y) = 1/2 log det(I + z_i^T z_i) - 1/2 log det(I + z_i^T K0 z_i)
         with_target = self._blocks(self.z, K0 @ self.z) + torch.eye(self.f, dtype=DTYPE)
         alone = self._blocks(self.z, self.z) + torch.eye(self.f, dtype=DTYPE)
@@ -281,7 +280,7 @@ class SampleSpaceSession(_WideSession):
         if self._last is not None and self._last[0] == i:
             return self._last[1]
         z = self.z[:, self._slice(i)]
-        v1, v2 = self.K1 @ z, self.K2 @ z
+        v1, v2 = self.K @ z
         eye = torch.eye(self.f, dtype=DTYPE)
         h1, h2 = eye - z.T @ v1, eye - z.T @ v2
         found = z, v1, v2, 0.5 * (h1 + h1.T), 0.5 * (h2 + h2.T)
@@ -303,7 +302,7 @@ class SampleSpaceSession(_WideSession):
     def remove(self, i: int) -> None:
         """M minus z_i z_i^T: K + K z_i H^{-1} z_i^T K, for K1 and K2 (Woodbury)."""
         _, v1, v2, h1, h2 = self._residuals(self._check_kept(i))
-        self.K1.addmm_(v1 @ spd_inverse(h1), v1.T)
-        self.K2.addmm_(v2 @ spd_inverse(h2), v2.T)
+        v = torch.stack([v1, v2])
+        self.K.baddbmm_(v @ spd_inverse(torch.stack([h1, h2])), v.transpose(1, 2))
         self._last = None
         self._mark_removed(i)
