@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--budget", type=float, default=0.5, help="fraction of MACs to remove")
     parser.add_argument("--confidence", action="store_true", help="confidence mode (one sweep) instead of budget")
+    parser.add_argument("--features", default="mean", help="MIPP features: mean (default) or patches")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=600, help="seconds before the selection is given up")
     parser.add_argument("--profile", type=int, default=0, help="print this many top functions of a profile")
@@ -86,7 +87,7 @@ def main() -> None:
     try:
         if profiler:
             profiler.enable()
-        plan = select(ctx, budget, MIPPSettings(), acts=acts)
+        plan = select(ctx, budget, MIPPSettings(features=args.features), acts=acts)
     except Unfinished:
         pass
     finally:
