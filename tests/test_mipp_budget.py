@@ -8,6 +8,7 @@ from mipp.activations import capture
 from mipp.api import make_context
 from mipp.methods.mipp import PriceRule, sweep, sweep_order, unit_costs
 from mipp.mi import get_estimator
+from mipp.mi.gaussian import GaussianLayerSession
 from mipp.models.planted import TRUTH, planted_inputs, planted_network
 from mipp.plan import UnitDecision
 
@@ -157,3 +158,30 @@ def test_a_search_left_past_the_budget_gives_back_the_most_informative_units():
         assert units == sorted(units) and [u for u, d in enumerate(decisions[key]) if d.kept] == units
         # within a group, the highest shares among the removed units are the ones restored
         assert all(u > v for u in back[key] for v in removed_before[key] - back[key])
+
+
+def test_a_cached_sweep_replays_its_tests_and_decides_as_a_fresh_one(monkeypatch):
+    """Budget mode's cache replays the tests of an earlier sweep from the same fresh session while the rule decides
+    as it did then: a sweep at the same price computes no test again, and sweeps at other prices equal sweeps
+    without a cache, decision for decision."""
+    model = small_model("resnet18")
+    data = inputs_for(model, 256, rank=8)
+    ctx = make_context(model, data, n_samples=256)
+    acts = capture(model, ctx.units, data, n_samples=256)
+    estimator = get_estimator("gaussian")
+    costs = unit_costs(ctx, "macs")
+    cache = {}
+    sweep(ctx, acts, estimator, PriceRule(1e-3, costs), 0.95, cache=cache)
+    tests = []
+    original = GaussianLayerSession.transfer_entropy
+    monkeypatch.setattr(GaussianLayerSession, "transfer_entropy",
+                        lambda self, i: tests.append(i) or original(self, i))
+    again = sweep(ctx, acts, estimator, PriceRule(1e-3, costs), 0.95, cache=cache)
+    assert tests == []
+    for price in (1e-2, 1e-4, 1e-3):
+        cached = sweep(ctx, acts, estimator, PriceRule(price, costs), 0.95, cache=cache)
+        fresh = sweep(ctx, acts, estimator, PriceRule(price, costs), 0.95)
+        assert cached.kept == fresh.kept and cached.lost_share == fresh.lost_share
+        assert [[vars(d) for d in v] for v in cached.decisions.values()] == \
+               [[vars(d) for d in v] for v in fresh.decisions.values()]
+    assert again.kept == cached.kept

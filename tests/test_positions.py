@@ -176,3 +176,31 @@ def test_sessions_reuse_the_units_inverse_across_targets():
     reused = cached.open(group, kept, estimator, 0.95)
     fresh = PositionFeatures(ctx.units, moments).open(group, kept, estimator, 0.95)
     torch.testing.assert_close(reused.transfer_entropies(), fresh.transfer_entropies(), rtol=1e-9, atol=1e-12)
+
+
+def test_a_reader_with_fewer_samples_than_features_gets_the_estimators_shrinkage():
+    """Fewer sampled positions than a reader's patch features: the units' correlations are shrunk by the estimator's
+    rank-deficient ridge (d / n), as on activations, instead of a covariance left singular but for rounding."""
+    from mipp.mi import get_estimator
+    from mipp.mi.gaussian import rank_deficient_ridge
+    from mipp.methods.mipp_features import PositionFeatures
+
+    model = small_model("vgg11")
+    data = inputs_for(model, 8, rank=8)
+    ctx = make_context(model, data, n_samples=8)
+    moments = capture_reader_moments(model, ctx.units, data, n_samples=8, positions_per_image=4)
+    group = next(g for g in ctx.units.groups
+                 if moments[g.key][0].n_units * moments[g.key][0].f >= moments[g.key][0].moments.count)
+    reader = moments[group.key][0]
+    width, count = reader.n_units * reader.f, reader.moments.count
+    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
+    session = PositionFeatures(ctx.units, moments).open(group, kept, get_estimator("gaussian"), 0.95)
+    shrink = 1.0 + rank_deficient_ridge(count, width, 1e-9)
+    assert shrink == pytest.approx(1.0 + width / count)
+    sample = reader.moments.covariance()[:width, :width]
+    scale = sample.diagonal().sqrt()
+    varying = torch.nonzero(scale > 1e-3 * scale.max()).flatten()[:2]
+    a, b = varying.tolist()
+    correlation = sample[a, b] / (scale[a] * scale[b])
+    assert float(session.cov[a, b]) == pytest.approx(float(correlation) / shrink, rel=1e-6)
+    assert torch.isfinite(session.transfer_entropies()).all()

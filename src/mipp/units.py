@@ -136,20 +136,28 @@ def example_input_for(model: nn.Module, example_input: torch.Tensor | None) -> t
 
 class _TraceRecorder:
     """Forward hooks that note, during the one traced forward pass, what every later stage needs: the order in which
-    leaf modules run, the MACs of each conv / linear module, and the input each weighted module reads."""
+    leaf modules run, the MACs of each conv / linear module, and the input each weighted module reads.
+
+    The notes describe the latest whole-model forward only: they are cleared as each one starts (a pre-hook on the
+    model), so that a graph traced again after a torch-pruning failure (`build_dependency_graph`) does not count a
+    module's MACs twice. Within one forward a module called twice (a shared layer) still counts both calls."""
 
     def __init__(self, model: nn.Module):
         self.order: dict[str, int] = {}
         self.macs: dict[str, int] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         self.extent: dict[str, int] = {}  # conv / linear module -> output values per channel (positions)
-        self.handles = []
+        self.handles = [model.register_forward_pre_hook(self._clear)]
         for name, module in model.named_modules():
             if name and not list(module.children()):
                 self.handles.append(module.register_forward_hook(self._order_hook(name)))
             if isinstance(module, WEIGHTED_READERS):
                 self.handles.append(module.register_forward_pre_hook(self._input_hook(name)))
                 self.handles.append(module.register_forward_hook(self._macs_hook(name)))
+
+    def _clear(self, model, inputs):
+        for notes in (self.order, self.macs, self.inputs, self.extent):
+            notes.clear()
 
     def _order_hook(self, name):
         def record(module, inputs, output):

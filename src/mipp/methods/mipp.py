@@ -165,7 +165,7 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
     `features` opens each layer's session: captured `Activations` (spatial means; wrapped in `MeanFeatures`) or a
     `PositionFeatures`. `cache` (budget mode, which sweeps many times) keeps each layer's fresh session, keyed by
     what its target is made of: a layer whose readers kept the same units as in an earlier sweep starts from a
-    copy."""
+    copy, and (order "mi") replays that sweep's tests while the rule decides as it did then (`_sweep_group`)."""
     if isinstance(features, Activations):
         features = MeanFeatures(ctx.units, features)
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
@@ -174,30 +174,25 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
     for group in ctx.units.groups:  # already ordered from the output to the input
         bar.status(f"group {group.key}")
         signature = features.signature(group, kept)
-        if cache is None or signature not in cache:
+        entry = cache.get(signature) if cache is not None else None
+        if entry is None:
             session = features.open(group, kept, estimator, confidence)
-            unit_mi = session.unit_mi()
             if cache is not None:
-                cache[signature] = (copy.deepcopy(session), unit_mi)
+                entry = _CacheEntry(copy.deepcopy(session), session.unit_mi(), group.key)
+                _remember(cache, signature, entry)
+            unit_mi = entry.unit_mi if entry is not None else session.unit_mi()
         else:
-            session, unit_mi = copy.deepcopy(cache[signature][0]), cache[signature][1]
+            cache[signature] = cache.pop(signature)  # most recently used last
+            session, unit_mi = copy.deepcopy(entry.session), entry.unit_mi
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
         floor = ctx.min_width(group.size)
-        lost_share[group.key], removed_share[group.key] = 0.0, {}
-        for rank, unit in enumerate(sweep_order(session, unit_mi, order)):
-            if len(session.kept) <= floor:
-                break  # collapse guard: the rest stay untested
-            result = session.transfer_entropy(unit)
-            record = records[unit]
-            record.rank, record.score, record.p_value = rank, float(result.estimate), float(result.p_value)
-            share = session.variance_share_lost(unit) if rule.prices_units else None
-            if rule.removes(group.key, result, share):
-                session.remove(unit)
-                record.kept = False
-                lost_share[group.key] += share or 0.0
-                if share is not None:
-                    removed_share[group.key][unit] = share
-            bar.update(1)
+        lost_share[group.key], trail = _sweep_group(session, unit_mi, order, rule, group.key, floor, records,
+                                                    entry.trail if entry is not None and order == "mi" else None,
+                                                    bar)
+        if entry is not None:
+            entry.trail = trail
+        removed_share[group.key] = {unit: share for unit, _, share, removes in trail
+                                    if removes and share is not None}
         bar.update(sum(r.rank is None for r in records.values()))  # untested: stopped by the collapse guard
         kept[group.key] = sorted(session.kept)
         decisions[group.key] = [records[i] for i in range(group.size)]
@@ -206,6 +201,76 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
     bar.close()
     return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining,
                        removed_share if rule.prices_units else {})
+
+
+def _sweep_group(session: LayerSession, unit_mi: torch.Tensor, order: str, rule, key: str, floor: int,
+                 records: dict, known: list | None, bar) -> tuple[float, list]:
+    """Test and remove the units of one group in sweep order; returns (variance share lost, the trail: (unit, test
+    result, variance share, removed) per step).
+
+    `known`: the trail of an earlier sweep from an identical fresh session, in the fixed "mi" order. While the rule
+    decides every step as it did then, the session is in the state it was in then, so that step's result and share
+    are taken from the trail instead of computed again (the same numbers: the computation is deterministic), and
+    its removals wait; at the first step decided otherwise the waiting removals are applied and the sweep computes
+    from there on. The session ends with every removal applied."""
+    lost, trail, waiting = 0.0, [], []
+    for rank, unit in enumerate(sweep_order(session, unit_mi, order)):
+        if len(session.kept) - len(waiting) <= floor:
+            break  # collapse guard: the rest stay untested
+        step = known[rank] if known is not None and rank < len(known) and known[rank][0] == unit else None
+        if step is None:
+            known = None
+            _apply(session, waiting)
+            result = session.transfer_entropy(unit)
+            share = session.variance_share_lost(unit) if rule.prices_units else None
+        else:
+            result, share = step[1], step[2]
+        removes = rule.removes(key, result, share)
+        if step is not None and removes != step[3]:
+            known = None  # the state differs from the next step on
+        record = records[unit]
+        record.rank, record.score, record.p_value = rank, float(result.estimate), float(result.p_value)
+        if removes:
+            waiting.append(unit)
+            if known is None:
+                _apply(session, waiting)
+            record.kept = False
+            lost += share or 0.0
+        trail.append((unit, result, share, removes))
+        bar.update(1)
+    _apply(session, waiting)
+    return lost, trail
+
+
+def _apply(session: LayerSession, waiting: list[int]) -> None:
+    for unit in waiting:
+        session.remove(unit)
+    waiting.clear()
+
+
+@dataclass
+class _CacheEntry:
+    """A budget search's cached layer: its fresh session, the units' MI, its group, and the trail of the latest
+    sweep that started from it (see `_sweep_group`)."""
+
+    session: LayerSession
+    unit_mi: torch.Tensor
+    group: str
+    trail: list | None = None
+
+
+CACHED_TARGETS_PER_GROUP = 4  # fresh sessions a budget search keeps per group (the most recently used ones)
+
+
+def _remember(cache: dict, signature, entry: _CacheEntry) -> None:
+    """Add a fresh session to the sweep cache, dropping the least recently used entries of the same group beyond
+    CACHED_TARGETS_PER_GROUP: a search's sweeps revisit recent targets, and every kept session holds its matrices.
+    A session from the cache is a copy of what opening it again computes, so the bound changes no result, only how
+    often a session is opened."""
+    cache[signature] = entry
+    mine = [key for key, value in cache.items() if value.group == entry.group]
+    for stale in mine[:-CACHED_TARGETS_PER_GROUP]:
+        del cache[stale]
 
 
 def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = None,

@@ -6,11 +6,15 @@ the target Y is the kept activations of every layer that reads the group (the lo
 `PositionFeatures` (`MIPPSettings(features="patches")`): every (image, position) is a sample, a unit's features
 are its k x k input patch at a reader's output position and Y is the reader's own output (pre-activation) there,
 on the output channels the already pruned next layer kept (`mipp.positions`). Sessions come from moments captured
-once, so a sweep only slices covariances. A group read at several points (a residual stream) gets one Gaussian
-session per reader, joined by `JointSession`: a unit's transfer entropy is the sum over readers, it is significant
-when it is for some reader (Bonferroni over readers), its variance share lost is the mean of the readers' shares,
-and a removal is applied to every reader. The test uses each reader's effective sample size (intra-image
-correlation, see `mipp.positions`).
+once, so a sweep only slices covariances; a reader with no more sampled positions than unit features gets the
+estimator's shrinkage of the units' correlations (`rank_deficient_ridge`), as a session on activations does. A
+group read at several points (a residual stream) gets one Gaussian session per reader, joined by `JointSession`: a
+unit's transfer entropy is the sum over readers, it is significant when it is for some reader (Bonferroni over
+readers), its variance share lost is the mean of the readers' shares, and a removal is applied to every reader.
+The test uses each reader's effective sample size (intra-image correlation, see `mipp.positions`).
+
+`MeanFeatures` opens a Gaussian session on many features (a residual stream read at many points, or a wide
+target) in the form that never builds their joint covariance (`mipp.mi.gaussian_wide`).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch
 
 from mipp.activations import Activations
 from mipp.mi.base import LayerSession, TestResult, decide
-from mipp.mi.gaussian import GaussianEstimator, GaussianLayerSession, regularise
+from mipp.mi.gaussian import GaussianEstimator, GaussianLayerSession, rank_deficient_ridge, regularise
+from mipp.mi.gaussian_wide import open_session
 from mipp.positions import ReaderMoments
 from mipp.units import UnitGraph, UnitGroup
 
@@ -28,12 +33,19 @@ class MeanFeatures:
 
     def __init__(self, units: UnitGraph, acts: Activations):
         self.acts, self.producer_of = acts, units.producer_group()
+        self.units_cache: dict = {}  # group -> the units' side of a wide Gaussian session (same for every target)
 
     def signature(self, group: UnitGroup, kept: dict[str, list[int]]):
         return self._target(group, kept)[1]
 
     def open(self, group: UnitGroup, kept: dict[str, list[int]], estimator, confidence: float) -> LayerSession:
-        return estimator.session(self.acts.units[group.key], self._target(group, kept)[0], confidence)
+        """The estimator's session; a Gaussian one on many features (a residual stream read at many points, or
+        its wide target) in the form that never builds their joint covariance (`mipp.mi.gaussian_wide`: the same
+        quantities, computed in the units' or the samples' space)."""
+        units, target = self.acts.units[group.key], self._target(group, kept)[0]
+        if isinstance(estimator, GaussianEstimator):
+            return open_session(estimator, units, target, confidence, self.units_cache, group.key)
+        return estimator.session(units, target, confidence)
 
     def _target(self, group, kept):
         return target_of(group, self.acts, kept, self.producer_of)
@@ -98,7 +110,8 @@ class PositionFeatures:
             outputs = list(columns) if columns else list(range(reader.n_outputs))
             index = torch.tensor(list(range(width)) + [width + c for c in outputs], dtype=torch.long)
             cov = self._covariance(reader)[index][:, index]
-            blocks = [(list(range(width)), estimator.ridge), (list(range(width, len(index))), estimator.target_ridge)]
+            ridge = rank_deficient_ridge(reader.moments.count, width, estimator.ridge)  # as the estimator's own
+            blocks = [(list(range(width)), ridge), (list(range(width, len(index))), estimator.target_ridge)]
             cov = regularise(cov, blocks, estimator.floor, estimator.ridge_scale)
             key = (reader.group, reader.reader)
             session = GaussianLayerSession(cov, reader.n_units, reader.f, reader.effective_samples, confidence,

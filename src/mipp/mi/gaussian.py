@@ -31,6 +31,9 @@ more dimensions than samples give finite, non-negative estimates, never NaN. The
 resolution: variation of Y below it counts as noise. It keeps transfer entropies finite when Y is an exact linear
 function of the units (the logits read from the last hidden layer), where they are infinite in theory, and it is why
 an exact copy's statistic stays far below the chi-squared threshold: it scales with ridge / target_ridge.
+
+Wide layers (thousands of unit or target features, e.g. a residual stream read at many points) are not given the
+joint covariance: `mipp.mi.gaussian_wide` computes the same session quantities in the units' or the samples' space.
 """
 from __future__ import annotations
 
