@@ -204,3 +204,22 @@ def test_a_reader_with_fewer_samples_than_features_gets_the_estimators_shrinkage
     correlation = sample[a, b] / (scale[a] * scale[b])
     assert float(session.cov[a, b]) == pytest.approx(float(correlation) / shrink, rel=1e-6)
     assert torch.isfinite(session.transfer_entropies()).all()
+
+
+def test_position_moments_the_machine_cannot_hold_are_refused_before_any_pass(monkeypatch):
+    """features='patches' on a model too wide for the memory: a clear MemoryError naming the widest readers and
+    the fix, raised before the calibration pass (a ResNet-50 reached 11 GB before)."""
+    import mipp.positions as positions
+
+    model = small_model("vgg11")
+    ctx = make_context(model, inputs_for(model, 64), n_samples=64)
+    passes = []
+    monkeypatch.setattr(positions, "calibration_pass", lambda *args, **kwargs: passes.append(1))
+    monkeypatch.setattr(positions, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(MemoryError, match=r"features='mean'.*widest readers|widest readers.*features='mean'"):
+        capture_reader_moments(model, ctx.units, inputs_for(model, 64), n_samples=64)
+    assert not passes
+    readers = [ReaderMoments("g", "conv", n_units=4, f=9, n_outputs=8)]
+    assert positions.check_moments_memory(readers, available=10 ** 9) == positions.SESSION_COPIES * (36 + 8) ** 2 * 8
+    with pytest.raises(MemoryError, match="at least 0.0 GB"):
+        positions.check_moments_memory(readers, available=100)

@@ -135,7 +135,12 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0],
                                   columns, kernel)
             collected[group.key].append(stats)
-            handles.append(module.register_forward_hook(_accumulate(stats, columns, generator, positions_per_image)))
+    check_moments_memory([s for readers in collected.values() for s in readers])
+    for group in units.groups:
+        for stats, coupling in zip(collected[group.key], units.reading_points[group.key]):
+            module = model.get_submodule(coupling.module_name)
+            handles.append(module.register_forward_hook(_accumulate(stats, stats.columns, generator,
+                                                                    positions_per_image)))
     calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
                      batch_size=batch_size, seed=seed, device=device, shard=True, on_skip=on_skip)
     if distributed.active():
@@ -145,6 +150,41 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
                              "reaches it")
     return collected
+
+
+# The selection holds each reader's (features + outputs)^2 float64 moments and, per session, a few matrices of that
+# size (the covariance, its equilibrated copy, the inverse): at least this many times the moments themselves
+# (ResNet-50 at 64x64: estimated 5.9 GB; a run was seen past 11 GB).
+SESSION_COPIES = 4
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_moments_memory(readers: list[ReaderMoments], available: int | None = None) -> int:
+    """Refuse, before any pass over the data, position moments the machine cannot hold: their float64 matrices
+    (each reader's unit features and outputs squared) times SESSION_COPIES against the available memory. Wide
+    convolutions read at many points (ResNet-50) need tens of GB this way, where features="mean" needs far less.
+    Returns the estimate in bytes."""
+    sizes = sorted(((s.n_units * s.f + s.n_outputs) ** 2 * 8, s.reader) for s in readers)
+    needed = SESSION_COPIES * sum(size for size, _ in sizes)
+    available = available_memory_bytes() if available is None else available
+    if available is not None and needed > available:
+        widest = ", ".join(f"{reader} ({size / 2 ** 20:.0f} MB)" for size, reader in sizes[-3:][::-1])
+        raise MemoryError(
+            f"features='patches' needs at least {needed / 2 ** 30:.1f} GB for its position moments and sessions, "
+            f"and {available / 2 ** 30:.1f} GB are available (widest readers: {widest}); use features='mean' "
+            "(the default) for this model, or a machine with more memory")
+    return needed
 
 
 def skipped_draws(model: nn.Module, readers: list[str], generator: torch.Generator, data, seed: int, device):
