@@ -19,3 +19,5 @@ sweep lenet5-fmnist-macs lenet5-fmnist   # the same store: shares the grid's bas
                                          # compares at equal MACs along the grid's curves
 sweep lenet5-fmnist-repair lenet5-fmnist-repair   # every method re-fitted and recalibrated after surgery
 sweep lenet5-fmnist-patches lenet5-fmnist-patches   # MIPP with patch features beside every baseline, same bases
+sweep vgg11-fmnist-patches vgg11-fmnist-patches   # the same comparison on VGG-11 w0.25, with accuracy without re-fit
+sweep resnet18-fmnist-patches resnet18-fmnist-patches   # and on ResNet-18 w0.25
