@@ -160,10 +160,13 @@ class LayerSession(ABC):
         return self._companion
 
     def _check_kept(self, i: int) -> int:
+        """`i` as an int, if it is a unit of this session that is still kept. A session that keeps a per-unit flag
+        list `_is_kept` (the Gaussian ones, on the sweep's hot path) is checked in O(1), others against `kept`."""
         i = int(i)
         if not 0 <= i < self.n_units:
             raise IndexError(f"unit {i} out of range for a session of {self.n_units} units")
-        if i not in self.kept:
+        is_kept = getattr(self, "_is_kept", None)
+        if not (is_kept[i] if is_kept is not None else i in self.kept):
             raise ValueError(f"unit {i} was already removed from this session")
         return i
 

@@ -562,14 +562,6 @@ class GaussianLayerSession(LayerSession):
         lost = torch.trace(scaled @ torch.linalg.solve(self.P[sl, sl], scaled.T))
         return float(lost.clamp_min(0.0)) / self._target_total
 
-    def _check_kept(self, i: int) -> int:
-        i = int(i)
-        if not 0 <= i < self.n_units:
-            raise IndexError(f"unit {i} out of range for a session of {self.n_units} units")
-        if not self._is_kept[i]:
-            raise ValueError(f"unit {i} was already removed from this session")
-        return i
-
     # -- removal
     def remove(self, i: int) -> None:
         """Drop unit i: in-place rank-f updates of P (Schur complement), B and Q (Woodbury)."""

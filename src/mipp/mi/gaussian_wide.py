@@ -170,14 +170,6 @@ class _WideSession(LayerSession):
     def _slice(self, i: int) -> slice:
         return slice(i * self.f, (i + 1) * self.f)
 
-    def _check_kept(self, i: int) -> int:
-        i = int(i)
-        if not 0 <= i < self.n_units:
-            raise IndexError(f"unit {i} out of range for a session of {self.n_units} units")
-        if not self._is_kept[i]:
-            raise ValueError(f"unit {i} was already removed from this session")
-        return i
-
     def _phi(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
