@@ -122,7 +122,6 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
         readers = [c.module_name for g in units.groups for c in units.reading_points[g.key]]  # one process would
         on_skip = skipped_draws(model, readers, generator, data, seed, device)  # (before the hooks below exist)
     collected: dict[str, list[ReaderMoments]] = {}
-    handles = []
     for group in units.groups:
         collected[group.key] = []
         for coupling in units.reading_points[group.key]:
@@ -135,12 +134,10 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0],
                                   columns, kernel)
             collected[group.key].append(stats)
-    check_moments_memory([s for readers in collected.values() for s in readers])
-    for group in units.groups:
-        for stats, coupling in zip(collected[group.key], units.reading_points[group.key]):
-            module = model.get_submodule(coupling.module_name)
-            handles.append(module.register_forward_hook(_accumulate(stats, stats.columns, generator,
-                                                                    positions_per_image)))
+    every = [s for readers in collected.values() for s in readers]
+    check_moments_memory(every)
+    handles = [model.get_submodule(s.reader).register_forward_hook(
+        _accumulate(s, s.columns, generator, positions_per_image)) for s in every]
     calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
                      batch_size=batch_size, seed=seed, device=device, shard=True, on_skip=on_skip)
     if distributed.active():
