@@ -44,3 +44,17 @@ def inputs_for(model: torch.nn.Module, n: int, seed: int = 0, rank: int | None =
 @pytest.fixture(params=sorted(SMALL_MODELS))
 def model_name(request):
     return request.param
+
+
+def assert_same_training(a, b):
+    """Two `mipp train` output folders hold bit-identical weights and the same history (timings aside); returns
+    the second's (model, record)."""
+    from mipp.checkpoint import load_model
+
+    model_a, record_a = load_model(a / "model.pt")
+    model_b, record_b = load_model(b / "model.pt")
+    for (name, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(x, y), name
+    strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
+    assert strip(record_a["metrics"]["history"]) == strip(record_b["metrics"]["history"])
+    return model_b, record_b

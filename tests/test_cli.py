@@ -7,10 +7,9 @@ import sys
 import time
 
 import pytest
-import torch
 
+from conftest import assert_same_training
 from mipp import __version__
-from mipp.checkpoint import load_model
 from mipp.cli import main
 
 TRAIN = ["train", "--model", "mlp", "--data", "synthetic", "--limit", "400", "--epochs", "2", "--batch-size", "32"]
@@ -106,9 +105,4 @@ def test_sigkilled_training_resumes_to_the_same_weights_and_metrics(tmp_path, ca
     resumed = run_json(capsys, argv + ["--out", str(killed)])
     assert resumed["resumed_from"] is not None and resumed["resumed_from"]["epoch"] < 3
     run_json(capsys, argv + ["--out", str(reference)])
-    model_a, record_a = load_model(killed / "model.pt")
-    model_b, record_b = load_model(reference / "model.pt")
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        assert torch.equal(a, b), name
-    strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
-    assert strip(record_a["metrics"]["history"]) == strip(record_b["metrics"]["history"])
+    assert_same_training(killed, reference)

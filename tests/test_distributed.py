@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_same_training
 from mipp.checkpoint import load_model
 from mipp.cli import main
 
@@ -159,12 +160,7 @@ def test_two_process_training_killed_after_a_checkpoint_resumes_to_the_same_weig
     resumed = json.loads(run_torchrun(*argv, "--out", str(killed)).stdout)
     assert resumed["resumed_from"] is not None and resumed["resumed_from"]["epoch"] < 3
     run_torchrun(*argv, "--out", str(reference))
-    model_a, record_a = load_model(killed / "model.pt")
-    model_b, record_b = load_model(reference / "model.pt")
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        assert torch.equal(a, b), name
-    strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
-    assert strip(record_a["metrics"]["history"]) == strip(record_b["metrics"]["history"])
+    model_b, record_b = assert_same_training(killed, reference)
     assert len(record_b["metrics"]["history"]) == 3 and record_b["metrics"]["n_train"] == 599
     # LeNet-5 has no batch norm, so two processes compute one process's steps, up to the rounding of the gradient
     # average and of the loss weights of the trailing batch's unequal parts (measured: 7e-7 relative)

@@ -97,18 +97,22 @@ def test_unknown_order_is_a_clear_error():
         select_plan(model, inputs_for(model, N_CAL), n_samples=N_CAL, order="random")
 
 
+def lenet5_at_full_width():
+    """(context, per-unit MACs costs, kept units, decisions) of LeNet-5 with every unit kept."""
+    model = small_model("lenet5")
+    ctx = make_context(model, inputs_for(model, N_CAL, rank=8), n_samples=N_CAL)
+    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
+    decisions = {g.key: [UnitDecision(unit=i, kept=True) for i in range(g.size)] for g in ctx.units.groups}
+    return ctx, unit_costs(ctx, "macs"), kept, decisions
+
+
 def test_a_search_left_short_is_topped_up_with_the_cheapest_information():
     """Where the removed fraction jumps past the budget between two nearly equal prices, the closest sweep that
     falls short gets the kept units with the least variance share per cost removed until the budget is met."""
     from mipp.methods.base import Budget
     from mipp.methods.mipp import SweepResult, _top_up
 
-    model = small_model("lenet5")
-    data = inputs_for(model, N_CAL, rank=8)
-    ctx = make_context(model, data, n_samples=N_CAL)
-    costs = unit_costs(ctx, "macs")
-    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
-    decisions = {g.key: [UnitDecision(unit=i, kept=True) for i in range(g.size)] for g in ctx.units.groups}
+    ctx, costs, kept, decisions = lenet5_at_full_width()
     shares = {g.key: [(i, 0.01 * (i + 1)) for i in range(g.size)] for g in ctx.units.groups}
     result = SweepResult(kept, decisions, {}, shares)
     budget = Budget(0.3, "macs")
@@ -127,12 +131,7 @@ def test_a_search_left_past_the_budget_gives_back_the_most_informative_units():
     from mipp.methods.base import Budget
     from mipp.methods.mipp import SweepResult, _give_back
 
-    model = small_model("lenet5")
-    data = inputs_for(model, N_CAL, rank=8)
-    ctx = make_context(model, data, n_samples=N_CAL)
-    costs = unit_costs(ctx, "macs")
-    kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
-    decisions = {g.key: [UnitDecision(unit=i, kept=True) for i in range(g.size)] for g in ctx.units.groups}
+    ctx, costs, kept, decisions = lenet5_at_full_width()
     shares = {g.key: {} for g in ctx.units.groups}
 
     def remove(key, unit):
