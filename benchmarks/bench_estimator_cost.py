@@ -44,7 +44,7 @@ def main() -> None:
     for name in args.estimators.split(","):
         estimated = sweep_seconds(calibrate(get_estimator(name, seed=0), args.samples), widths)
         started = time.perf_counter()
-        plan = select(ctx, None, MIPPSettings(estimator=name), acts=acts)
+        plan = select(ctx, None, MIPPSettings(estimator=name, features="mean"), acts=acts)
         seconds = time.perf_counter() - started
         reference = reference or seconds
         print(f"{name:<10} {seconds:>11.2f} {seconds / reference:>11.0f} {estimated:>12.2f} "

@@ -52,7 +52,8 @@ def main() -> None:
     plans, seconds = {}, {}
     for name in ("gaussian", "proxy"):
         started = time.perf_counter()
-        plans[name] = select(ctx, None, MIPPSettings(estimator=name, confidence=args.confidence), acts=acts)
+        plans[name] = select(ctx, None, MIPPSettings(estimator=name, confidence=args.confidence, features="mean"),
+                             acts=acts)
         seconds[name] = time.perf_counter() - started
         removed = sum(sizes[k] - len(v) for k, v in plans[name].kept.items())
         print(f"{name:<9} selection {seconds[name]:9.2f} s, {removed} units removed "

@@ -59,7 +59,7 @@ def base_model(tmp_path_factory) -> Path:
 def test_prune_with_two_processes_gives_the_single_process_plan(base_model, tmp_path, capsys):
     """600 calibration samples: batches of 256, 256 and 88, so rank 0 runs two and rank 1 one."""
     argv = ["prune", "--checkpoint", str(base_model), *TINY_DATA, "--samples", "600", "--budget", "0.5",
-            "--metric", "macs", "--threads", "1"]
+            "--metric", "macs", "--threads", "1", "--features", "mean"]  # gathered activations: exact (README)
     single = run_cli(capsys, [*argv, "--out", str(tmp_path / "one")])
     done = run_torchrun("-m", "mipp", *argv, "--out", str(tmp_path / "two"), "--json")
     shared = json.loads(done.stdout)  # rank 0 alone prints

@@ -172,7 +172,8 @@ def test_report_writes_tables_and_figures(full_sweep, tmp_path):
     from mipp.cli import main
 
     out = tmp_path / "docs"
-    assert main(["report", "--runs", str(full_sweep[0]), "--out", str(out), "--json"]) == 0
+    # the interpolated win/tie/loss section compares the runs labelled --reference (default: mipp-mean)
+    assert main(["report", "--runs", str(full_sweep[0]), "--out", str(out), "--reference", "mipp", "--json"]) == 0
     assert (out / "results.md").exists()
     for name in ("accuracy", "collapse", "layers", "finetune"):
         assert (out / "figures" / f"{name}_mlp_synthetic.png").stat().st_size > 5000

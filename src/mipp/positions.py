@@ -35,6 +35,10 @@ from mipp.activations import calibration_batches, calibration_pass
 from mipp.mi.gaussian import GaussianMoments
 from mipp.units import Coupling, UnitGraph
 
+class UnsupportedReader(ValueError):
+    """A reader whose input position features cannot describe (not a Linear or Conv, or unequal inputs per unit)."""
+
+
 # Output positions sampled per image for a convolution reader (all of them when its map is smaller).
 POSITIONS_PER_IMAGE = 16
 
@@ -151,7 +155,7 @@ def unit_columns(coupling: Coupling, n_units: int) -> tuple[torch.Tensor, int]:
     the same number (one channel each, or the same positions each after a Flatten)."""
     counts = torch.bincount(coupling.unit, minlength=n_units)
     if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
-        raise ValueError(
+        raise UnsupportedReader(
             f"reader {coupling.module_name!r} reads the units of one group through unequal numbers of inputs; "
             "position features need the same number per unit: use features='mean' for this model"
         )
@@ -175,7 +179,7 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
         for coupling in units.reading_points[group.key]:
             module = model.get_submodule(coupling.module_name)
             if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                raise ValueError(f"reader {coupling.module_name!r} of group {group.key!r} is a "
+                raise UnsupportedReader(f"reader {coupling.module_name!r} of group {group.key!r} is a "
                                  f"{type(module).__name__}; position features need Linear or Conv readers")
             columns, f = unit_columns(coupling, group.size)
             kernel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
@@ -232,7 +236,7 @@ def check_moments_memory(readers: list[ReaderMoments], available: int | None = N
         raise MemoryError(
             f"features='patches' needs at least {needed / 2 ** 30:.1f} GB for its position moments and sessions, "
             f"and {available / 2 ** 30:.1f} GB are available (widest readers: {widest}); use features='mean' "
-            "(the default) for this model, or a machine with more memory")
+            "(`mipp prune --features mean`: a channel's spatial mean) for this model, or a machine with more memory")
     return needed
 
 

@@ -34,7 +34,8 @@ BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 # underscore are replaced wherever they stand; plain words (lr, budget) only as ``name=value`` or ``name must``.
 FLAGS = {
     "n_samples": "--samples", "min_units": "--min-units", "budget": "--budget", "metric": "--metric",
-    "confidence": "--confidence", "estimator": "--estimator", "pool": "--pool", "batch_size": "--batch-size",
+    "confidence": "--confidence", "estimator": "--estimator", "pool": "--pool", "features": "--features",
+    "positions": "--positions", "batch_size": "--batch-size",
     "lr": "--lr", "epochs": "--epochs", "weight_decay": "--weight-decay", "label_smoothing": "--label-smoothing",
     "warmup_epochs": "--warmup-epochs", "checkpoint_every": "--checkpoint-every", "num_workers": "--num-workers",
     "limit": "--limit", "width": "--width", "seed": "--seed", "device": "--device",

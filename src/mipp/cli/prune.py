@@ -8,7 +8,8 @@ from pathlib import Path
 from mipp.cli.common import (add_command, add_data_arguments, add_threads_argument, check_model_fits_data, configure_threads,
                              data_call, flag_names, parse_key_values)
 
-PRUNE_FLAGS = flag_names("n_samples", "min_units", "budget", "metric", "confidence", "estimator", "pool", "limit",
+PRUNE_FLAGS = flag_names("n_samples", "min_units", "budget", "metric", "confidence", "estimator", "pool", "features",
+                         "positions", "limit",
                          "seed", "device", "data_root", "recalibration_batches", "n_batches",
                          lr="--finetune-lr", epochs="--finetune-epochs", batch_size="--finetune-batch-size",
                          num_workers="--num-workers")
@@ -43,7 +44,13 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--metric", choices=BUDGET_METRICS, default="units", help="what --budget counts")
     parser.add_argument("--confidence", type=float, default=0.95, help="MIPP's significance level x (default 0.95)")
     parser.add_argument("--estimator", default="gaussian", help="MIPP's MI estimator: gaussian, ksg or proxy")
-    parser.add_argument("--pool", type=int, default=None, help="MIPP: pool conv channels to a KxK grid (default mean)")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="MIPP with --features mean: pool conv channels to a KxK grid instead of the mean")
+    parser.add_argument("--features", choices=("auto", "patches", "mean"), default="auto",
+                        help="MIPP's features of a conv channel: k x k patches at sampled positions, or the spatial "
+                             "mean (cheaper); auto (default): patches with the gaussian estimator, else mean")
+    parser.add_argument("--positions", type=int, default=None,
+                        help="MIPP with patches: output positions sampled per image (default 16)")
     parser.add_argument("--min-units", type=float, default=1,
                         help="collapse guard: units every layer keeps (>= 1), or a fraction of its width (< 1)")
     parser.add_argument("--samples", type=int, default=2000, help="calibration samples (default 2000)")
@@ -96,7 +103,9 @@ def prune_command(args: argparse.Namespace) -> dict:
     method_options = parse_key_values(args.method_option)
     if args.method == "mipp":
         method_options = {"confidence": args.confidence, "estimator": args.estimator, "pool": args.pool,
-                          **method_options}
+                          "features": args.features, **method_options}
+        if args.positions is not None:
+            method_options["positions"] = args.positions
     min_units = int(args.min_units) if args.min_units >= 1 else args.min_units
     pruned, plan = prune(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
                          min_units=min_units, n_samples=args.samples, seed=args.seed, reconstruct=args.reconstruct,

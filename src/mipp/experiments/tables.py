@@ -159,7 +159,7 @@ def intro_section(n_done: int, n_other: int, reference: str, tie: float, command
             "The paired comparison at equal cost (first section) is the one to read: every method run directly at "
             "each target, MIPP's lead paired over seeds with a 95% interval. The win/tie/loss section after it "
             f"compares along each method's curve, interpolating between targets (the older stores ran targets of "
-            f"units only): MIPP (`{reference}`) against each baseline, tie within {100 * tie:g} points (see "
+            f"units only, with MIPP on spatial means): MIPP (`{reference}`) against each baseline, tie within {100 * tie:g} points (see "
             "mipp.experiments.report).\n")
 
 
