@@ -65,6 +65,7 @@ def test_prune_with_two_processes_gives_the_single_process_plan(base_model, tmp_
     shared = json.loads(done.stdout)  # rank 0 alone prints
     assert shared["processes"] == 2 and "processes" not in single
     one, two = (json.loads((tmp_path / name / "plan.json").read_text()) for name in ("one", "two"))
+    assert "features" not in one["settings"] and "features" not in two["settings"]  # --features mean reached MIPP
     assert one["kept"] == two["kept"]
     assert one["decisions"] == two["decisions"]  # every unit's score and p-value, bit for bit
     assert sum(map(len, one["kept"].values())) < sum(one["sizes"].values())

@@ -225,59 +225,20 @@ def test_position_moments_the_machine_cannot_hold_are_refused_before_any_pass(mo
         positions.check_moments_memory(readers, available=100)
 
 
-def test_derived_outputs_equal_the_measured_ones_and_are_exactly_linear():
-    """A reader that reads one group and nothing else: the output's moments derived from its weights equal those
-    accumulated from its measured output (float32 conv output, so to ~1e-5), and the output is then an exact linear
-    function of the features in the moments (its variance given them is zero to float64 rounding)."""
-    import mipp.positions as positions
-
-    model = two_convs()
-    data = torch.randn(96, 2, 9, 9)
-    model(data[:2])
-    ctx = make_context(model, data, example_input=data[:2], n_samples=96)
-    derived = capture_reader_moments(model, ctx.units, data, n_samples=96, positions_per_image=8)["0"][0]
-    assert derived.linear is not None
-    original = positions.linear_map
-    try:
-        positions.linear_map = lambda module, columns: None  # every reader measured, as before
-        measured = capture_reader_moments(model, ctx.units, data, n_samples=96, positions_per_image=8)["0"][0]
-    finally:
-        positions.linear_map = original
-    assert measured.linear is None
-    a, b = derived.moments.covariance(), measured.moments.covariance()
-    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
-    assert derived.effective_samples == measured.effective_samples
-    width = derived.n_units * derived.f
-    residual = a[width:, width:] - a[width:, :width] @ torch.linalg.solve(a[:width, :width], a[:width, width:])
-    assert float(residual.diagonal().abs().max() / a[width:, width:].diagonal().max()) < 1e-10
-
-
-def test_a_reader_of_several_groups_keeps_its_measured_output():
-    """A concatenation's reader reads two groups: its output is not a function of either alone (no linear map)."""
-    from mipp.positions import linear_map
-
-    conv = nn.Conv2d(6, 3, 3)
-    assert linear_map(conv, torch.arange(6)) is not None
-    assert linear_map(conv, torch.arange(4)) is None  # the other two channels belong to another group
-    assert linear_map(nn.Conv2d(6, 3, 3, groups=3), torch.arange(6)) is None
-    weight, bias = linear_map(nn.Linear(4, 2), torch.tensor([2, 0, 1, 3]))
-    assert weight.dtype == torch.float64 and weight.shape == (2, 4) and bias.shape == (2,)
-
-
 def test_automatic_features_are_patches_with_the_gaussian_estimator_and_mean_otherwise():
     from mipp.methods.mipp import MIPPSettings
 
-    assert MIPPSettings().features == "patches" and MIPPSettings().automatic
-    assert MIPPSettings(estimator="ksg").features == "mean"
-    assert MIPPSettings(pool=2).features == "mean"
-    assert MIPPSettings(features="mean").features == "mean" and not MIPPSettings(features="mean").automatic
+    assert MIPPSettings(features="auto").features == "patches" and MIPPSettings(features="auto").automatic
+    assert MIPPSettings(features="auto", estimator="ksg").features == "mean"
+    assert MIPPSettings(features="auto", pool=2).features == "mean"
+    assert MIPPSettings().features == "mean" and not MIPPSettings().automatic
     model = small_model("lenet5")
-    plan = select_plan(model, inputs_for(model, 256), n_samples=256, budget=0.5)
+    plan = select_plan(model, inputs_for(model, 256), n_samples=256, budget=0.5, features="auto")
     assert plan.settings["features"]["kind"] == "patches"
 
 
 def test_automatic_features_fall_back_to_the_mean_where_patches_cannot_run(monkeypatch):
-    """Too little memory for the position moments: "auto" warns and selects on spatial means (recorded in the
+    """Too little memory for the position moments: features="auto" warns and selects on spatial means (recorded in the
     Plan); features="patches" asked for explicitly raises instead."""
     import mipp.positions as positions
 
@@ -285,7 +246,7 @@ def test_automatic_features_fall_back_to_the_mean_where_patches_cannot_run(monke
     model = small_model("lenet5")
     data = inputs_for(model, 256)
     with pytest.warns(UserWarning, match="falls back to features='mean'"):
-        plan = select_plan(model, data, n_samples=256, budget=0.5)
+        plan = select_plan(model, data, n_samples=256, budget=0.5, features="auto")
     assert "features" not in plan.settings  # the spatial mean, recorded as plans made with it always were
     with pytest.raises(MemoryError):
         select_plan(model, data, n_samples=256, budget=0.5, features="patches")

@@ -19,17 +19,20 @@ own information: cost-blind, blind to significance, and tied to the ridge.) Wher
 fraction jump past the target between two nearly equal prices, the closest sweep that falls short is topped up
 with the kept units that lose the least variance share per cost (`_top_up`).
 
-Features (`MIPPSettings.features`): "patches" takes every sampled (image, output position) as a sample, a unit's
-k x k input patch as its features and the reader's own output there as target (`mipp.positions`,
-`mipp.methods.mipp_features`), the relation a convolution actually computes. Its test counts an effective sample
-size for the correlated positions of one image, and its moments are also the normal equations of the
-reconstruction, which then needs no second pass. "mean", the paper's reading, summarises a conv channel by its
-spatial mean at the next layer's input and takes the next layer's kept activations as target: about 5x cheaper
-to select, but it averages the convolution's relation away. "auto" (the default) is "patches" with the Gaussian
-estimator and "mean" with the others (KSG and the loss proxy work on samples, not moments) or with `pool`.
-Patches are the default because they measured better at equal MACs on every model of the experiment stores
-(LeNet-5, VGG-11 and ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a baseline by the paired
-interval, where the spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by 10-12 points at 70%).
+Features (`MIPPSettings.features`): "mean", the paper's reading and the default, summarises a conv channel by its
+spatial mean at the next layer's input and takes the next layer's kept activations as target; "patches" takes every
+sampled (image, output position) as a sample, a unit's k x k input patch as its features and the reader's own
+output there as target (`mipp.positions`, `mipp.methods.mipp_features`), the relation a convolution actually
+computes. Its test counts an effective sample size for the correlated positions of one image, and its moments are
+also the normal equations of the reconstruction, which then needs no second pass. "auto" is "patches" with the
+Gaussian estimator and "mean" with the others (KSG and the loss proxy work on samples, not moments) or with
+`pool`, and falls back to "mean" with a warning where the position moments would not fit in memory or a reader is
+not a Linear or Conv layer. Patches measured better at equal MACs on every model of the experiment stores (LeNet-5,
+VGG-11 and ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a baseline by the paired interval,
+where the spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by 10-12 points at 70%), but they
+are not yet the default: they lack the spatial-mean path's checks of the calibration data (a constant output, a
+dead layer, too few samples) and their budget search can stop short of a coarse target (the tests' small LeNet-5
+at 50% of MACs stopped at 48.7%, past the 0.5-point tolerance).
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ class MIPPSettings:
     confidence: float = 0.95  # the paper's x, in (0.5, 1)
     pool: int | None = None  # None: spatial mean per channel; k: k x k grid features per channel
     order: str = "mi"  # "mi": the paper's fixed MI order; "greedy": lowest current transfer entropy next
-    features: str = "auto"  # "patches": k x k patches at sampled positions; "mean": a channel's spatial mean;
+    features: str = "mean"  # "mean": a channel's spatial mean; "patches": k x k patches at sampled positions;
     # "auto": patches with the Gaussian estimator (and no pool), else mean (see the module doc)
     positions: int = POSITIONS_PER_IMAGE  # features="patches": output positions sampled per image
     max_bisection_steps: int = 30
