@@ -228,12 +228,12 @@ def test_position_moments_the_machine_cannot_hold_are_refused_before_any_pass(mo
 def test_automatic_features_are_patches_with_the_gaussian_estimator_and_mean_otherwise():
     from mipp.methods.mipp import MIPPSettings
 
-    assert MIPPSettings(features="auto").features == "patches" and MIPPSettings(features="auto").automatic
-    assert MIPPSettings(features="auto", estimator="ksg").features == "mean"
-    assert MIPPSettings(features="auto", pool=2).features == "mean"
-    assert MIPPSettings().features == "mean" and not MIPPSettings().automatic
+    assert MIPPSettings().features == "patches" and MIPPSettings().automatic  # "auto", the default
+    assert MIPPSettings(estimator="ksg").features == "mean"
+    assert MIPPSettings(pool=2).features == "mean"
+    assert MIPPSettings(features="mean").features == "mean" and not MIPPSettings(features="mean").automatic
     model = small_model("lenet5")
-    plan = select_plan(model, inputs_for(model, 256), n_samples=256, budget=0.5, features="auto")
+    plan = select_plan(model, inputs_for(model, 256), n_samples=256, budget=0.5)
     assert plan.settings["features"]["kind"] == "patches"
 
 
@@ -250,3 +250,13 @@ def test_automatic_features_fall_back_to_the_mean_where_patches_cannot_run(monke
     assert "features" not in plan.settings  # the spatial mean, recorded as plans made with it always were
     with pytest.raises(MemoryError):
         select_plan(model, data, n_samples=256, budget=0.5, features="patches")
+
+
+def test_position_features_check_the_calibration_data_as_spatial_means_do():
+    """Too few images for the estimator: an error; a reader with fewer effective samples than features: a warning
+    with the numbers (the moments' own form of `_check_samples`)."""
+    model = small_model("lenet5")
+    with pytest.raises(ValueError, match="only 10 calibration samples"):
+        select_plan(model, inputs_for(model, 10), n_samples=10, features="patches")
+    with pytest.warns(UserWarning, match=r"calibration samples for a layer of 400 features, read by 'classifier.0'"):
+        select_plan(model, inputs_for(model, 200), n_samples=200, budget=0.5, features="patches")

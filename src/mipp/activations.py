@@ -393,16 +393,25 @@ def _check_variation(acts: Activations) -> None:
         return
     constant = lambda x: bool((x.amax(0) == x.amin(0)).all())  # noqa: E731
     if acts.outputs and all(constant(v) for v in acts.outputs.values()):
-        raise ValueError(
-            f"the model's output is the same for all {acts.n_samples} calibration samples: there is no information "
-            "to preserve and every layer would be cut to its minimum; check the weights (an untrained or diverged "
-            "checkpoint, dead ReLUs) and that the data reaches the model as it was trained (normalisation)")
-    dead = [key for key, v in acts.units.items() if constant(v)]
+        raise constant_output_error(acts.n_samples)
+    warn_dead_layers([key for key, v in acts.units.items() if constant(v)], acts.n_samples, stacklevel=4)
+
+
+def constant_output_error(n_samples: int) -> ValueError:
+    """The error for a model whose output does not vary over the calibration samples (any MIPP features)."""
+    return ValueError(
+        f"the model's output is the same for all {n_samples} calibration samples: there is no information "
+        "to preserve and every layer would be cut to its minimum; check the weights (an untrained or diverged "
+        "checkpoint, dead ReLUs) and that the data reaches the model as it was trained (normalisation)")
+
+
+def warn_dead_layers(dead: list[str], n_samples: int, stacklevel: int = 3) -> None:
+    """Name the groups whose every unit is constant over the calibration samples (any MIPP features)."""
     if dead:
         warnings.warn(
-            f"every unit of {', '.join(repr(k) for k in dead)} is constant over the {acts.n_samples} calibration "
+            f"every unit of {', '.join(repr(k) for k in dead)} is constant over the {n_samples} calibration "
             "samples (dead ReLUs, or inputs that do not vary where this layer looks): MIPP cuts such a layer to its "
-            "minimum width; check the weights and data if that is unexpected", stacklevel=3)
+            "minimum width; check the weights and data if that is unexpected", stacklevel=stacklevel)
 
 
 def _check_finite(acts: Activations) -> None:

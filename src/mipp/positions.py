@@ -82,6 +82,15 @@ class ReaderMoments:
             self._effective = cached = (self.images, n_eff)
         return cached[1]
 
+    @property
+    def constant_units(self) -> bool:
+        """Every unit's features took one value over the calibration samples (a dead layer, seen by this reader)."""
+        width, count = self.n_units * self.f, self.moments.count
+        if count == 0:
+            return False
+        spread = self.moments.scatter.diagonal()[:width]  # n x variance; a constant's is 0 up to the mean's rounding
+        return bool((spread <= count * (1e-12 * self.moments.mean[:width]) ** 2).all())
+
     def feature_index(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Feature columns of the reader's input columns `inputs` (each with its kernel offsets, in that order), or
         None when some of them are not among this group's (the reader also reads other groups)."""
@@ -102,6 +111,34 @@ class ReaderMoments:
         self.positions = per_image
 
 
+class OutputRange:
+    """Per output, the smallest and largest value the model's output took over the calibration pass: a constant
+    output carries no information to preserve (MIPP refuses it, on position features as on spatial means)."""
+
+    def __init__(self):
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+
+    def hook(self, module, inputs, output) -> None:
+        if not isinstance(output, torch.Tensor) or output.dim() == 0:
+            return  # a model returning several tensors (auxiliary heads) is not judged by this check
+        y = output.detach().reshape(output.shape[0], -1).float()
+        low, high = y.amin(0).cpu(), y.amax(0).cpu()
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+
+    def combine_ranks(self) -> None:
+        """Every rank's range joined (ranks without batches contribute nothing)."""
+        for low, high in distributed.all_gather_objects((self.low, self.high)):
+            if low is not None:
+                self.low = low if self.low is None else torch.minimum(self.low, low)
+                self.high = high if self.high is None else torch.maximum(self.high, high)
+
+    @property
+    def constant(self) -> bool:
+        return self.low is not None and bool((self.low == self.high).all())
+
+
 def unit_columns(coupling: Coupling, n_units: int) -> tuple[torch.Tensor, int]:
     """The reader's input columns of a group in unit-major order, and the number per unit; every unit must have
     the same number (one channel each, or the same positions each after a Flatten)."""
@@ -117,8 +154,10 @@ def unit_columns(coupling: Coupling, n_units: int) -> tuple[torch.Tensor, int]:
 
 def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000,
                            positions_per_image: int = POSITIONS_PER_IMAGE, batch_size: int = 256, seed: int = 0,
-                           device: str | torch.device | None = None) -> dict[str, list[ReaderMoments]]:
-    """Per group, the moments of each distinct reader (one per reading point) on the calibration data."""
+                           device: str | torch.device | None = None,
+                           output_range: OutputRange | None = None) -> dict[str, list[ReaderMoments]]:
+    """Per group, the moments of each distinct reader (one per reading point) on the calibration data; given an
+    `OutputRange`, the range of the model's output is recorded in the same pass."""
     device = torch.device(device or next(model.parameters()).device)
     generator = torch.Generator().manual_seed(seed)
     on_skip = None
@@ -142,10 +181,14 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
     check_moments_memory(every)
     handles = [model.get_submodule(s.reader).register_forward_hook(
         _accumulate(s, s.columns, generator, positions_per_image)) for s in every]
+    if output_range is not None:
+        handles.append(model.register_forward_hook(output_range.hook))
     calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
                      batch_size=batch_size, seed=seed, device=device, shard=True, on_skip=on_skip)
     if distributed.active():
         _combine_ranks([s for readers in collected.values() for s in readers])
+        if output_range is not None:
+            output_range.combine_ranks()
     for stats in (s for readers in collected.values() for s in readers):
         if stats.images == 0:
             raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "

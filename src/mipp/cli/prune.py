@@ -46,10 +46,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--estimator", default="gaussian", help="MIPP's MI estimator: gaussian, ksg or proxy")
     parser.add_argument("--pool", type=int, default=None,
                         help="MIPP with --features mean: pool conv channels to a KxK grid instead of the mean")
-    parser.add_argument("--features", choices=("mean", "patches", "auto"), default="mean",
-                        help="MIPP's features of a conv channel: the spatial mean (default), or k x k patches at "
-                             "sampled positions (better at equal MACs, slower); auto: patches with the gaussian "
-                             "estimator where they fit, else mean")
+    parser.add_argument("--features", choices=("auto", "patches", "mean"), default="auto",
+                        help="MIPP's features of a conv channel: k x k patches at sampled positions, or the spatial "
+                             "mean (cheaper); auto (default): patches with the gaussian estimator where they fit, "
+                             "else mean")
     parser.add_argument("--positions", type=int, default=None,
                         help="MIPP with patches: output positions sampled per image (default 16)")
     parser.add_argument("--min-units", type=float, default=1,

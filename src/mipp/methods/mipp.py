@@ -19,20 +19,19 @@ own information: cost-blind, blind to significance, and tied to the ridge.) Wher
 fraction jump past the target between two nearly equal prices, the closest sweep that falls short is topped up
 with the kept units that lose the least variance share per cost (`_top_up`).
 
-Features (`MIPPSettings.features`): "mean", the paper's reading and the default, summarises a conv channel by its
-spatial mean at the next layer's input and takes the next layer's kept activations as target; "patches" takes every
-sampled (image, output position) as a sample, a unit's k x k input patch as its features and the reader's own
-output there as target (`mipp.positions`, `mipp.methods.mipp_features`), the relation a convolution actually
-computes. Its test counts an effective sample size for the correlated positions of one image, and its moments are
-also the normal equations of the reconstruction, which then needs no second pass. "auto" is "patches" with the
+Features (`MIPPSettings.features`): "patches" takes every sampled (image, output position) as a sample, a unit's
+k x k input patch as its features and the reader's own output there as target (`mipp.positions`,
+`mipp.methods.mipp_features`), the relation a convolution actually computes. Its test counts an effective sample
+size for the correlated positions of one image, and its moments are also the normal equations of the
+reconstruction, which then needs no second pass. "mean", the paper's reading, summarises a conv channel by its
+spatial mean at the next layer's input and takes the next layer's kept activations as target: several times
+cheaper to select, but it averages the convolution's relation away. "auto", the default, is "patches" with the
 Gaussian estimator and "mean" with the others (KSG and the loss proxy work on samples, not moments) or with
 `pool`, and falls back to "mean" with a warning where the position moments would not fit in memory or a reader is
-not a Linear or Conv layer. Patches measured better at equal MACs on every model of the experiment stores (LeNet-5,
-VGG-11 and ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a baseline by the paired interval,
-where the spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by 10-12 points at 70%), but they
-are not yet the default: they lack the spatial-mean path's checks of the calibration data (a constant output, a
-dead layer, too few samples) and their budget search can stop short of a coarse target (the tests' small LeNet-5
-at 50% of MACs stopped at 48.7%, past the 0.5-point tolerance).
+not a Linear or Conv layer. Patches are the default because they measured better at equal MACs on every model of
+the experiment stores (LeNet-5, VGG-11 and ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a
+baseline by the paired interval, where the spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by
+10-12 points at 70%). Both check the calibration data alike (`_check_samples`, `_check_moments`).
 """
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ from typing import Iterator
 
 import torch
 
-from mipp.activations import Activations, capture
+from mipp.activations import Activations, capture, constant_output_error, warn_dead_layers
 from mipp.methods.mipp_features import MeanFeatures, PositionFeatures, target_of  # noqa: F401 (target_of: API)
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
@@ -54,7 +53,7 @@ from mipp.mi import estimator_class, get_estimator
 from mipp.mi.base import LayerSession, TestResult
 from mipp.mi.cost import announce_cost
 from mipp.plan import Plan, UnitDecision
-from mipp.positions import POSITIONS_PER_IMAGE, UnsupportedReader, capture_reader_moments
+from mipp.positions import POSITIONS_PER_IMAGE, OutputRange, UnsupportedReader, capture_reader_moments
 from mipp.progress import Progress
 
 
@@ -69,7 +68,7 @@ class MIPPSettings:
     confidence: float = 0.95  # the paper's x, in (0.5, 1)
     pool: int | None = None  # None: spatial mean per channel; k: k x k grid features per channel
     order: str = "mi"  # "mi": the paper's fixed MI order; "greedy": lowest current transfer entropy next
-    features: str = "mean"  # "mean": a channel's spatial mean; "patches": k x k patches at sampled positions;
+    features: str = "auto"  # "patches": k x k patches at sampled positions; "mean": a channel's spatial mean;
     # "auto": patches with the Gaussian estimator (and no pool), else mean (see the module doc)
     positions: int = POSITIONS_PER_IMAGE  # features="patches": output positions sampled per image
     max_bisection_steps: int = 30
@@ -293,16 +292,18 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
     moments with features="patches"), and what the Plan records of it."""
     moments = None
     if settings.features == "patches":
+        output_range = OutputRange()
         try:
             moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
                                              positions_per_image=settings.positions, seed=ctx.seed,
-                                             device=ctx.device)
+                                             device=ctx.device, output_range=output_range)
         except (MemoryError, UnsupportedReader) as err:
             if not settings.automatic:
                 raise
             warnings.warn(f"MIPP falls back to features='mean' (spatial means): {err}", stacklevel=3)
             settings = dataclasses.replace(settings, features="mean")
     if moments is not None:
+        _check_moments(moments, output_range, settings)
         features = PositionFeatures(ctx.units, moments)
         ctx.reader_moments = moments  # the same sums are every re-fitted reader's normal equations
         n_samples = next(r.images for readers in moments.values() for r in readers)
@@ -424,6 +425,8 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
         result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache,
                        collect_remaining=True)
         topped_up = _top_up(ctx, result, costs, budget, max_price=TOP_UP_PRICE_FACTOR * over[0])
+        if ctx.cost.fractions_removed(result.kept)[budget.metric] < budget.fraction - budget.tolerance:
+            topped_up += _top_up(ctx, result, costs, budget)  # still short: uncapped (see _top_up)
     given_back = _give_back(ctx, result, costs, budget) if best[0] > budget.tolerance else 0
     return result, {
         "price": price,
@@ -447,10 +450,12 @@ def _top_up(ctx: PruneContext, result: SweepResult, costs: dict[str, float], bud
     the least variance share per unit of cost first (their shares measured in the final sweep, each layer given
     the kept units of the layers after it), skipping any that would overshoot the budget by more than its
     tolerance, until the budget is within tolerance. Only units priced at most `max_price` are candidates
-    (TOP_UP_PRICE_FACTOR times the lowest price the search saw overshoot), so a gap is never closed with
-    information priced far above what the search itself removed: a cheap unit of a layer already cut to a few
-    units is often priced 30x higher and stays. Where the removed fraction jumps between two nearly equal
-    prices (one coarse channel changes the targets of the layers before it), this takes the closest sweep that
+    (TOP_UP_PRICE_FACTOR times the lowest price the search saw overshoot), so a gap is first closed with
+    information priced near what the search itself removed: a cheap unit of a layer already cut to a few units is
+    often priced 30x higher and stays. Where that still leaves the budget short by more than its tolerance,
+    `_search_price` calls this again without the cap, since the budget is the user's contract (position features
+    on the tests' small LeNet-5 at 50% of MACs: 48.7% without, 49.5% with). Where the removed fraction jumps
+    between two nearly equal prices (one coarse channel changes the targets of the layers before it), this takes the closest sweep that
     falls short and adds the cheapest information to it, without sweeping again. Records the removals."""
     candidates = sorted(((share / max(costs[key], 1e-15), key, unit, share) for key, units in result.remaining.items()
                          for unit, share in units if share <= max_price * costs[key]),
@@ -461,8 +466,8 @@ def _top_up(ctx: PruneContext, result: SweepResult, costs: dict[str, float], bud
     for _, key, unit, share in candidates:
         if fraction >= budget.fraction - budget.tolerance:
             break
-        if len(kept[key]) <= ctx.min_width(len(result.decisions[key])):
-            continue
+        if unit not in kept[key] or len(kept[key]) <= ctx.min_width(len(result.decisions[key])):
+            continue  # (removed by an earlier top-up of this result)
         trial = {**kept, key: [u for u in kept[key] if u != unit]}
         reached = ctx.cost.fractions_removed(trial)[budget.metric]
         if reached > budget.fraction + budget.tolerance:
@@ -501,6 +506,30 @@ def _give_back(ctx: PruneContext, result: SweepResult, costs: dict[str, float], 
         del result.removed_share[key][unit]
     result.kept.update(kept)
     return restored
+
+
+def _check_moments(moments: dict, output: OutputRange, settings: MIPPSettings) -> None:
+    """Position features: the checks `capture` and `_check_samples` make on spatial means, from the moments: enough
+    images for the estimator, an output that varies, dead layers named, and a warning where a reader has fewer
+    effective samples than features (its covariance is then shrunk, see `rank_deficient_ridge`)."""
+    readers = [r for rs in moments.values() for r in rs]
+    n = readers[0].images
+    minimum = estimator_class(settings.estimator).min_samples
+    if n < minimum:
+        raise ValueError(f"only {n} calibration samples: the {settings.estimator} estimator needs at least "
+                         f"{minimum} (a few thousand recommended, e.g. n_samples=2000)")
+    if output.constant:
+        raise constant_output_error(n)
+    warn_dead_layers([key for key, rs in moments.items() if rs and all(r.constant_units for r in rs)], n,
+                     stacklevel=5)
+    short = [r for r in readers if r.effective_samples < r.n_units * r.f]
+    if short:
+        worst = min(short, key=lambda r: r.effective_samples / (r.n_units * r.f))
+        samples, width = worst.effective_samples, worst.n_units * worst.f
+        where = "" if worst.positions == 1 else f" (effective, over {worst.positions} positions per image)"
+        warnings.warn(
+            f"{samples} calibration samples for a layer of {width} features{where}, read by {worst.reader!r}: "
+            f"covariances are shrunk, but use at least {2 * width} samples for reliable decisions", stacklevel=5)
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
