@@ -260,3 +260,37 @@ def test_position_features_check_the_calibration_data_as_spatial_means_do():
         select_plan(model, inputs_for(model, 10), n_samples=10, features="patches")
     with pytest.warns(UserWarning, match=r"calibration samples for a layer of 400 features, read by 'classifier.0'"):
         select_plan(model, inputs_for(model, 200), n_samples=200, budget=0.5, features="patches")
+
+
+def test_derived_outputs_equal_the_measured_ones_and_are_exactly_linear(monkeypatch):
+    """A convolution that reads one group and nothing else: its output's moments derived from its weights equal
+    those accumulated from its measured output (a float32 conv output, so to ~1e-5), and the output is then an
+    exact linear function of the features in the moments (its variance given them is zero to float64 rounding)."""
+    import mipp.positions as positions
+
+    model = two_convs()
+    data = torch.randn(96, 2, 9, 9)
+    model(data[:2])
+    ctx = make_context(model, data, example_input=data[:2], n_samples=96)
+    derived = capture_reader_moments(model, ctx.units, data, n_samples=96, positions_per_image=8)["0"][0]
+    assert derived.linear is not None
+    monkeypatch.setattr(positions, "linear_map", lambda module, columns: None)  # measured, in float64
+    measured = capture_reader_moments(model, ctx.units, data, n_samples=96, positions_per_image=8)["0"][0]
+    assert measured.linear is None
+    a, b = derived.moments.covariance(), measured.moments.covariance()
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    assert derived.effective_samples == measured.effective_samples
+    width = derived.n_units * derived.f
+    residual = a[width:, width:] - a[width:, :width] @ torch.linalg.solve(a[:width, :width], a[:width, width:])
+    assert float(residual.diagonal().abs().max() / a[width:, width:].diagonal().max()) < 1e-10
+
+
+def test_only_a_convolution_reading_one_group_alone_gets_derived_outputs():
+    from mipp.positions import linear_map
+
+    assert linear_map(nn.Conv2d(6, 3, 3), torch.tensor([2, 0, 1, 3, 5, 4])) is not None
+    weight, bias = linear_map(nn.Conv2d(6, 3, 3), torch.arange(6))
+    assert weight.dtype == torch.float64 and weight.shape == (3, 54) and bias.shape == (3,)
+    assert linear_map(nn.Conv2d(6, 3, 3), torch.arange(4)) is None  # two channels belong to another group
+    assert linear_map(nn.Conv2d(6, 3, 3, groups=3), torch.arange(6)) is None
+    assert linear_map(nn.Linear(4, 2), torch.arange(4)) is None  # Linear readers: float64 products

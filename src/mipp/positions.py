@@ -10,7 +10,13 @@ positions of a channel).
 
 `capture_reader_moments` runs the calibration data once and accumulates, per group and per distinct reader, the
 joint Gaussian moments of [unit features (unit-major), reader output] in float64 (bounded memory: never the samples
-themselves), plus what an effective sample size needs. Positions of one image are correlated, so they are not
+themselves), plus what an effective sample size needs. Where a convolution reads this group and nothing else (the
+common case), its output is exactly W x + b of the features, so only the features' moments are accumulated (each
+batch's centred products in float32, about twice as fast, merged in float64) and the output's are derived from the
+reader's weights in float64 (`ReaderMoments.derive_outputs`): the relation is then exact in the moments, as in the
+network, and the output's columns cost nothing in the pass. Linear readers, a convolution that also reads other
+groups (a concatenation) and grouped convolutions have features and measured output accumulated in float64.
+Positions of one image are correlated, so they are not
 independent samples: the chi-squared test uses n_eff = N P / (1 + (P - 1) rho), Kish's design effect for clusters
 of P positions, with rho the intra-image correlation of the reader's outputs (the one-way ANOVA estimate, averaged
 over output channels, clipped to [0, 1]). rho = 0 gives N P samples; rho = 1 gives N, what the spatial mean had.
@@ -53,6 +59,9 @@ class ReaderMoments:
     positions: int = 1  # samples per image (P)
     # for the intra-image correlation of the outputs: per channel, sum over images of P * (image mean)^2
     between: torch.Tensor | None = None
+    # (weight, bias) in float64 when the output is exactly weight @ features + bias (the reader reads this group
+    # and nothing else): only the features' moments are accumulated, the output's are derived (`derive_outputs`)
+    linear: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def intra_image_correlation(self) -> float:
@@ -100,15 +109,52 @@ class ReaderMoments:
         slots = torch.tensor([slot[int(c)] for c in inputs.tolist()], dtype=torch.long)
         return (slots[:, None] * self.kernel + torch.arange(self.kernel)).reshape(-1)
 
+    @property
+    def captured_dim(self) -> int:
+        """Columns of the accumulated moments before `derive_outputs`: features, plus outputs unless derived."""
+        return self.n_units * self.f + (0 if self.linear is not None else self.n_outputs)
+
     def add(self, features: torch.Tensor, outputs: torch.Tensor, per_image: int) -> None:
         """One batch: (n * per_image, n_units * f) features and (n * per_image, n_outputs) outputs."""
-        self.moments.update(features, outputs)  # float64: float32 products break exact linear targets
+        if self.linear is not None:  # the batch's centred products in float32, merged in float64 (see module doc)
+            self.moments.update(features, precision=torch.float32)
+        else:  # float64: float32 products would blur a measured output's exact linear relation to the features
+            self.moments.update(features, outputs)
         n = features.shape[0] // per_image
         means = outputs.double().reshape(n, per_image, -1).mean(1)
         added = per_image * (means ** 2).sum(0)
         self.between = added if self.between is None else self.between + added
         self.images += n
         self.positions = per_image
+
+    def derive_outputs(self) -> None:
+        """Complete the features' moments with the output's, from the reader's own linear map y = W x + b:
+        mean W m + b, cross scatter S W^T, output scatter W S W^T (float64). The output is then an exact linear
+        function of the features in the moments, as it is in the network."""
+        if self.linear is None or self.moments.count == 0 or self.moments.dim != self.n_units * self.f:
+            return
+        weight, bias = self.linear
+        mean, scatter = self.moments.mean, self.moments.scatter
+        cross = scatter @ weight.T
+        joint_mean = torch.cat([mean, weight @ mean + bias])
+        joint = torch.cat([torch.cat([scatter, cross], 1), torch.cat([cross.T, weight @ cross], 1)], 0)
+        self.moments = GaussianMoments._from_parts(self.moments.count, joint_mean, 0.5 * (joint + joint.T))
+
+
+def linear_map(module: nn.Module, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) with the reader's output = W @ [features of `columns`, unit-major as the samples lay them out] + b,
+    in float64, when the reader is a convolution and those columns are all it reads (one group, not grouped); else
+    None. Linear readers keep float64 products: their features are few (the products cost little) and a fully
+    connected net's exact redundancies (the planted network) are only removed losslessly with them."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups != 1:
+        return None
+    width = module.in_channels
+    if len(columns) != width or set(columns.tolist()) != set(range(width)):
+        return None
+    weight = module.weight.detach().to("cpu", torch.float64)[:, columns].reshape(module.weight.shape[0], -1)
+    bias = (module.bias.detach().to("cpu", torch.float64) if module.bias is not None
+            else torch.zeros(weight.shape[0], dtype=torch.float64))
+    return weight, bias
 
 
 class OutputRange:
@@ -175,7 +221,7 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             columns, f = unit_columns(coupling, group.size)
             kernel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
             stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0],
-                                  columns, kernel)
+                                  columns, kernel, linear=linear_map(module, columns))
             collected[group.key].append(stats)
     every = [s for readers in collected.values() for s in readers]
     check_moments_memory(every)
@@ -193,6 +239,10 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
         if stats.images == 0:
             raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
                              "reaches it")
+        if not bool(torch.isfinite(stats.moments.scatter).all()):
+            raise ValueError(f"the inputs of reader {stats.reader!r} (group {stats.group!r}) are not finite on the "
+                             "calibration data: check the data and the model's weights for NaN or inf")
+        stats.derive_outputs()
     return collected
 
 
@@ -279,7 +329,7 @@ def _combine_ranks(readers: list[ReaderMoments]) -> None:
     distributed.all_reduce_sum(positions)  # every rank's samples per image (0: a rank without batches)
     distributed.all_reduce_sum(counts[:, :2])
     for k, stats in enumerate(readers):
-        own, dim = stats.moments, stats.n_units * stats.f + stats.n_outputs
+        own, dim = stats.moments, stats.captured_dim
         count = int(counts[k, 0])
         total = own.mean * own.count if own.count else torch.zeros(dim, dtype=torch.float64)
         mean = distributed.all_reduce_sum(total.clone()) / max(count, 1)

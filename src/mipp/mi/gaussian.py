@@ -251,6 +251,8 @@ def equilibrate(cov: torch.Tensor) -> torch.Tensor:
     """
     d = torch.diagonal(cov).clamp_min(1e-300).sqrt()
     out = cov / torch.outer(d, d)
+    if torch.equal(cov, cov.T):  # then out is symmetric bit for bit (d_i d_j == d_j d_i): skip two passes
+        return out
     return 0.5 * (out + out.T)
 
 
@@ -469,15 +471,22 @@ class GaussianLayerSession(LayerSession):
         width = self.n_units * self.f
         cols = self._feature_columns(self.kept)
         ycols = torch.arange(width, self.cov.shape[0])
-        sxx = self.cov[cols][:, cols]
-        syx = self.cov[ycols][:, cols]
-        syy = self.cov[ycols][:, ycols]
+        if len(self.kept) == self.n_units:  # every feature, in order: views instead of copies
+            sxx, syx, syy = self.cov[:width, :width], self.cov[width:, :width], self.cov[width:, width:]
+        else:
+            sxx = self.cov[cols][:, cols]
+            syx = self.cov[ycols][:, cols]
+            syy = self.cov[ycols][:, ycols]
         full = len(self.kept) == self.n_units and self._x_inverse is not None
         P_kept = self._x_inverse if full else spd_inverse(sxx)
         self._x_inverse = None
         B_kept = syx @ P_kept
         R = syy - B_kept @ syx.T
         self.Q = spd_inverse(0.5 * (R + R.T))
+        if len(self.kept) == self.n_units:  # cols is every feature in order: no scatter into zeros needed
+            self.P = P_kept.clone() if full else P_kept
+            self.B = B_kept
+            return
         self.P = torch.zeros(width, width, dtype=DTYPE)
         self.P[cols[:, None], cols[None, :]] = P_kept
         self.B = torch.zeros(self.d_y, width, dtype=DTYPE)
