@@ -158,7 +158,9 @@ class GaussianMoments:
             raise ValueError(f"cannot combine moments of dimension {self.dim} and {other.dim}")
         n = self.count + other.count
         delta = other.mean - self.mean
-        self.scatter = self.scatter + other.scatter + torch.outer(delta, delta) * (self.count * other.count / n)
+        # in place, in the same order of operations as (scatter + other) + outer * c: no new matrix per batch
+        self.scatter += other.scatter
+        self.scatter += torch.outer(delta, delta).mul_(self.count * other.count / n)
         self.mean = self.mean + delta * (other.count / n)
         self.count = n
 
