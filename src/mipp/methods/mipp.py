@@ -387,7 +387,9 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     low = math.log(LOWEST_PRICE)
     high = math.log(2.0 / min([c for c in costs.values() if c > 0] or [1.0]))  # every affordable unit goes
     over = None  # (price, priced removals) of the lowest price known to overshoot
-    low_gap, high_gap, side = gap, None, 0  # gaps at the bracket's ends (None: not run), last end moved
+    # gaps at the bracket's ends (None: not swept; the free sweep is the low end unless only insignificant units
+    # are priced), and the end the last sweep moved
+    low_gap, high_gap, side = (None if insignificant_only else gap), None, 0
     while abs(best[0]) > budget.tolerance and steps <= settings.max_bisection_steps and high - low > 1e-4:
         middle = _next_log_price(low, high, low_gap, high_gap)
         result, gap, priced = run(math.exp(middle), insignificant_only)
@@ -401,7 +403,7 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
             side = -1
         else:
             high, high_gap, over = middle, gap, (math.exp(middle), priced)
-            if side > 0:
+            if side > 0 and low_gap is not None:
                 low_gap /= 2
             side = 1
     if abs(best[0]) > budget.tolerance and over is not None:
@@ -448,12 +450,12 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     }
 
 
-def _next_log_price(low: float, high: float, low_gap: float, high_gap: float | None) -> float:
+def _next_log_price(low: float, high: float, low_gap: float | None, high_gap: float | None) -> float:
     """The next log-price to sweep: where the line through the bracket's two gaps crosses zero (regula falsi with
     the Illinois weights, a few sweeps instead of bisection's ~10, as the removed fraction grows smoothly with the
-    log-price over most of the range), kept inside the middle 80% of the bracket; the midpoint while the upper end
-    has not been swept (it starts as a price at which every affordable unit goes)."""
-    if high_gap is None or high_gap <= low_gap:
+    log-price over most of the range), kept inside the middle 80% of the bracket; the midpoint while an end has not
+    been swept (the upper one starts as a price at which every affordable unit goes)."""
+    if low_gap is None or high_gap is None or high_gap <= low_gap:
         return (low + high) / 2
     guess = low + (high - low) * (-low_gap) / (high_gap - low_gap)
     margin = 0.1 * (high - low)
