@@ -94,6 +94,11 @@ def process_group(device: str | None = "auto") -> Iterator[bool]:
     joined = init_from_environment(device)
     try:
         yield joined
+        # Every rank done before any tears down: gloo aborts a rank ("terminate called without an active
+        # exception") whose peer closed the connection first. Not after an error: a dead peer would leave the
+        # barrier waiting.
+        if joined:
+            barrier()
     finally:
         if joined:
             destroy()
