@@ -16,10 +16,11 @@ batch's centred products in float32, about twice as fast, merged in float64) and
 reader's weights in float64 (`ReaderMoments.derive_outputs`): the relation is then exact in the moments, as in the
 network, and the output's columns cost nothing in the pass. Linear readers, a convolution that also reads other
 groups (a concatenation) and grouped convolutions have features and measured output accumulated in float64.
-Positions of one image are correlated, so they are not
-independent samples: the chi-squared test uses n_eff = N P / (1 + (P - 1) rho), Kish's design effect for clusters
-of P positions, with rho the intra-image correlation of the reader's outputs (the one-way ANOVA estimate, averaged
-over output channels, clipped to [0, 1]). rho = 0 gives N P samples; rho = 1 gives N, what the spatial mean had.
+
+Positions of one image are correlated, so they are not independent samples: the chi-squared test uses
+n_eff = N P / (1 + (P - 1) rho), Kish's design effect for clusters of P positions, with rho the intra-image
+correlation of the reader's outputs (the one-way ANOVA estimate, averaged over output channels, clipped to [0, 1]).
+rho = 0 gives N P samples; rho = 1 gives N, what the spatial mean had.
 The same moments hold every block reconstruction needs (Gram of kept patches, cross-product with the output).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mipp import distributed
 from mipp.activations import calibration_batches, calibration_pass
 from mipp.mi.gaussian import GaussianMoments
 from mipp.units import Coupling, UnitGraph
+
 
 class UnsupportedReader(ValueError):
     """A reader whose input position features cannot describe (not a Linear or Conv, or unequal inputs per unit)."""
@@ -217,7 +219,7 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
             module = model.get_submodule(coupling.module_name)
             if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 raise UnsupportedReader(f"reader {coupling.module_name!r} of group {group.key!r} is a "
-                                 f"{type(module).__name__}; position features need Linear or Conv readers")
+                                        f"{type(module).__name__}; position features need Linear or Conv readers")
             columns, f = unit_columns(coupling, group.size)
             kernel = 1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size)
             stats = ReaderMoments(group.key, coupling.module_name, group.size, f * kernel, module.weight.shape[0],

@@ -535,10 +535,7 @@ def _check_moments(moments: dict, output: OutputRange, settings: MIPPSettings) -
     effective samples than features (its covariance is then shrunk, see `rank_deficient_ridge`)."""
     readers = [r for rs in moments.values() for r in rs]
     n = readers[0].images
-    minimum = estimator_class(settings.estimator).min_samples
-    if n < minimum:
-        raise ValueError(f"only {n} calibration samples: the {settings.estimator} estimator needs at least "
-                         f"{minimum} (a few thousand recommended, e.g. n_samples=2000)")
+    _require_samples(n, settings)
     if output.constant:
         raise constant_output_error(n)
     warn_dead_layers([key for key, rs in moments.items() if rs and all(r.constant_units for r in rs)], n,
@@ -546,25 +543,28 @@ def _check_moments(moments: dict, output: OutputRange, settings: MIPPSettings) -
     short = [r for r in readers if r.effective_samples < r.n_units * r.f]
     if short:
         worst = min(short, key=lambda r: r.effective_samples / (r.n_units * r.f))
-        samples, width = worst.effective_samples, worst.n_units * worst.f
         where = "" if worst.positions == 1 else f" (effective, over {worst.positions} positions per image)"
-        warnings.warn(
-            f"{samples} calibration samples for a layer of {width} features{where}, read by {worst.reader!r}: "
-            f"covariances are shrunk, but use at least {2 * width} samples for reliable decisions", stacklevel=5)
+        _warn_few_samples(worst.effective_samples, worst.n_units * worst.f, f"{where}, read by {worst.reader!r}",
+                          stacklevel=6)
+
+
+def _require_samples(n: int, settings: MIPPSettings) -> None:
+    minimum = estimator_class(settings.estimator).min_samples
+    if n < minimum:
+        raise ValueError(f"only {n} calibration samples: the {settings.estimator} estimator needs at least "
+                         f"{minimum} (a few thousand recommended, e.g. n_samples=2000)")
+
+
+def _warn_few_samples(samples: int, width: int, detail: str = "", stacklevel: int = 4) -> None:
+    warnings.warn(f"{samples} calibration samples for a layer of {width} features{detail}: covariances are "
+                  f"ridge-regularised, but use at least {2 * width} samples for reliable decisions",
+                  stacklevel=stacklevel)
 
 
 def _check_samples(acts: Activations, settings: MIPPSettings) -> None:
     """Enough calibration samples for the estimator (its `min_samples`); a warning when a ridge-regularised one has
     fewer samples than the widest layer has features."""
-    estimator_type = estimator_class(settings.estimator)
-    n = acts.n_samples
+    _require_samples(acts.n_samples, settings)
     widest = max(v.shape[1] * v.shape[2] for v in acts.units.values())
-    if n < estimator_type.min_samples:
-        raise ValueError(
-            f"only {n} calibration samples: the {settings.estimator} estimator needs at least "
-            f"{estimator_type.min_samples} (a few thousand recommended, e.g. n_samples=2000)"
-        )
-    if estimator_type.ridge_regularised and n < widest:
-        warnings.warn(
-            f"{n} calibration samples for a layer of {widest} features: covariances are ridge-regularised, but "
-            f"use at least {2 * widest} samples for reliable decisions", stacklevel=3)
+    if estimator_class(settings.estimator).ridge_regularised and acts.n_samples < widest:
+        _warn_few_samples(acts.n_samples, widest)

@@ -473,20 +473,21 @@ class GaussianLayerSession(LayerSession):
         width = self.n_units * self.f
         cols = self._feature_columns(self.kept)
         ycols = torch.arange(width, self.cov.shape[0])
-        if len(self.kept) == self.n_units:  # every feature, in order: views instead of copies
+        every = len(self.kept) == self.n_units  # every feature, in order: views, and no scatter into zeros
+        if every:
             sxx, syx, syy = self.cov[:width, :width], self.cov[width:, :width], self.cov[width:, width:]
         else:
             sxx = self.cov[cols][:, cols]
             syx = self.cov[ycols][:, cols]
             syy = self.cov[ycols][:, ycols]
-        full = len(self.kept) == self.n_units and self._x_inverse is not None
-        P_kept = self._x_inverse if full else spd_inverse(sxx)
+        shared = every and self._x_inverse is not None  # another session's inverse: removals must not touch it
+        P_kept = self._x_inverse if shared else spd_inverse(sxx)
         self._x_inverse = None
         B_kept = syx @ P_kept
         R = syy - B_kept @ syx.T
         self.Q = spd_inverse(0.5 * (R + R.T))
-        if len(self.kept) == self.n_units:  # cols is every feature in order: no scatter into zeros needed
-            self.P = P_kept.clone() if full else P_kept
+        if every:
+            self.P = P_kept.clone() if shared else P_kept
             self.B = B_kept
             return
         self.P = torch.zeros(width, width, dtype=DTYPE)
