@@ -175,6 +175,45 @@ def test_relative_difference_handles_shapes_and_non_finite_values():
     assert relative_difference(torch.tensor([1.0, 4.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.5)
 
 
+def test_relative_difference_can_be_taken_against_a_given_scale():
+    assert relative_difference(torch.tensor([1e-7]), torch.tensor([1.1e-7]), scale=1e-3) == pytest.approx(1e-5, rel=1e-3)
+
+
+def test_the_check_compares_in_float64_and_restores_every_dtype_exactly():
+    model, x, units, plan = prepared("resnet18")
+    model.get_submodule("fc").half()  # a mixed-precision model: each tensor must get its own dtype back
+    model.fc.forward = lambda inp, fc=model.fc: nn.functional.linear(inp.to(fc.weight.dtype), fc.weight, fc.bias)
+    before = {name: (t.dtype, t.clone()) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    reference = surgery.MaskedReference.record(model, plan, units, x)
+    assert reference.float64 and reference.output[0].dtype == torch.float64
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        assert tensor.dtype == before[name][0] and torch.equal(tensor, before[name][1]), name
+
+
+class _Float32Only(nn.Module):
+    """A layer with a hard-coded float32 tensor in its forward: it does not run in float64."""
+
+    def forward(self, x):
+        return x @ torch.eye(x.shape[-1], dtype=torch.float32)
+
+
+def test_a_model_that_cannot_run_in_float64_is_checked_in_its_own_dtype(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), _Float32Only(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 6)
+    units = find_units(model, x)
+    plan = mipp.Plan(kept={"0": [0, 2, 5]}, sizes={"0": 8}, method="test")
+    reference = surgery.MaskedReference.record(model, plan, units, x)
+    assert not reference.float64 and reference.output[0].dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    apply_plan(model, plan, x, units=units)
+    assert model[0].out_features == 3
+    model, units = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), _Float32Only(), nn.Linear(8, 3)).eval(), None
+    break_one_kept_weight(monkeypatch, "3")
+    with pytest.raises(SurgeryError, match="surgery changed what the model computes"):  # the fall-back checks too
+        apply_plan(model, plan, x)
+
+
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups), nn.BatchNorm2d(cout), nn.ReLU()]
 

@@ -207,13 +207,18 @@ def channel_dim(module: nn.Module) -> int:
 class MaskedReference:
     """What the masked original computes on one batch: its output, and every parametrised layer's output on the
     first sample, restricted to the channels the plan keeps (kept only to name the layer where a difference
-    starts when there is one)."""
+    starts when there is one). A layer's difference is taken relative to the largest magnitude of its whole output
+    (every channel, `scales`): a layer left with one channel whose value is a near cancellation (e.g. 7e-8 where
+    its other channels reach 8e-4) would otherwise turn the rounding of a changed summation order into a
+    "difference" of 1e-3."""
 
     def __init__(self, model: nn.Module, plan: Plan, units: UnitGraph, batch: torch.Tensor, tolerance: float):
         self.batch, self.tolerance = batch, tolerance
         self.roles = _roles(units)
         self.output: list[torch.Tensor] = []
         self.layers: dict[str, torch.Tensor] = {}  # in forward order
+        self.scales: dict[str, float] = {}  # per layer, the largest finite magnitude of its whole first output
+        self.float64 = True  # both passes in float64 (see `record`)
         self.removed_channels, self.masked_inputs = _removed_channels(plan, units)
         self.across_channels = {name for name, module in model.named_modules()  # norms across channels
                                 if isinstance(module, ACROSS_CHANNEL_NORMS)}
@@ -221,25 +226,38 @@ class MaskedReference:
     @classmethod
     def record(cls, model: nn.Module, plan: Plan, units: UnitGraph, batch: torch.Tensor,
                tolerance: float | None = None) -> "MaskedReference":
-        """Run the unpruned `model` on `batch` with the plan's removed units zeroed at their reading points."""
+        """Run the unpruned `model` on `batch` with the plan's removed units zeroed at their reading points: in
+        float64 where the model runs in it (then the pruned model is checked in float64 too), else in its own
+        dtype."""
         reference = cls(model, plan, units, batch, tolerance if tolerance is not None else _tolerance(model))
-        handles = []
-        for name, columns in reference.masked_inputs.items():
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_pre_hook(_zeroing_hook(columns, channel_dim(module))))
-        try:
-            output = _observed_forward(model, batch, reference.layers, handles, reference._keep)
-        except RuntimeError as err:
-            raise ValueError(
-                f"cannot check the surgery: the model does not run on the example batch of shape "
-                f"{tuple(batch.shape)} ({str(err).splitlines()[0]}); pass example_input= a batch it takes, or "
-                "verify=False") from err
+        for reference.float64 in (True, False):
+            reference.layers.clear()
+            reference.scales.clear()
+            handles = []
+            for name, columns in reference.masked_inputs.items():
+                module = model.get_submodule(name)
+                handles.append(module.register_forward_pre_hook(_zeroing_hook(columns, channel_dim(module))))
+            try:
+                with in_float64(model, reference.float64):
+                    output = _observed_forward(model, _batch_in(batch, reference.float64), reference.layers,
+                                               handles, reference._keep)
+                break
+            except (RuntimeError, TypeError) as err:  # float64 unsupported (a hard-coded dtype, MPS): own dtype
+                for handle in handles:
+                    handle.remove()
+                if not reference.float64:
+                    raise ValueError(
+                        f"cannot check the surgery: the model does not run on the example batch of shape "
+                        f"{tuple(batch.shape)} ({str(err).splitlines()[0]}); pass example_input= a batch it "
+                        "takes, or verify=False") from err
         reference.output = _tensors(output)
         return reference
 
     def _keep(self, name: str, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
         """The first sample of a layer's output, at the channels that survive the removal."""
         first = output[:1]
+        finite = first[torch.isfinite(first)]
+        self.scales[name] = float(finite.abs().max()) if finite.numel() else 0.0
         removed = self.removed_channels.get(name)
         if removed is None:
             return first
@@ -253,7 +271,9 @@ class MaskedReference:
         SurgeryError when it or any layer's exceeds the tolerance, or when a shape differs."""
         layers: dict[str, torch.Tensor] = {}
         try:
-            output = _tensors(_observed_forward(pruned, self.batch, layers, [], lambda name, module, out: out[:1]))
+            with in_float64(pruned, self.float64):
+                output = _tensors(_observed_forward(pruned, _batch_in(self.batch, self.float64), layers, [],
+                                                    lambda name, module, out: out[:1]))
         except RuntimeError as err:
             raise SurgeryError(
                 f"the pruned model no longer runs on the example batch of shape {tuple(self.batch.shape)} "
@@ -264,8 +284,8 @@ class MaskedReference:
                 f"{[tuple(t.shape) for t in self.output]}: removed units also reach the output directly (e.g. a model "
                 f"that returns its features as well as its logits); keep every unit of those groups. {_REPORT}")
         difference = max((relative_difference(a, b) for a, b in zip(output, self.output)), default=0.0)
-        per_layer = {name: relative_difference(layers[name], expected) if name in layers else float("inf")
-                     for name, expected in self.layers.items()}
+        per_layer = {name: relative_difference(layers[name], expected, self.scales.get(name, 0.0))
+                     if name in layers else float("inf") for name, expected in self.layers.items()}
         failing = [name for name, value in per_layer.items() if value > self.tolerance]
         if difference > self.tolerance or failing:
             raise SurgeryError(self._message(difference, per_layer, failing))
@@ -300,9 +320,10 @@ _REPORT = ("The model was changed in place and must be discarded. This is a bug 
            "skips this check).")
 
 
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest absolute difference over the larger of the two largest magnitudes; inf for another shape or for a
-    NaN on one side only (NaN on both sides, and equal infinities, count as equal)."""
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
+    """Largest absolute difference over the larger of the two largest magnitudes (and `scale`, a magnitude the
+    difference is known to be relative to); inf for another shape or for a NaN on one side only (NaN on both
+    sides, and equal infinities, count as equal)."""
     if actual.shape != expected.shape:
         return float("inf")
     a, e = actual.detach().double(), expected.detach().double().to(actual.device)
@@ -311,7 +332,7 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if gap.numel() == 0 or float(gap.max()) == 0.0:
         return 0.0
     finite = torch.cat([a[torch.isfinite(a)].abs().flatten(), e[torch.isfinite(e)].abs().flatten()])
-    scale = float(finite.max()) if finite.numel() else 0.0
+    scale = max(float(finite.max()) if finite.numel() else 0.0, scale)
     return float(gap.max()) / scale if scale > 0 else float("inf")
 
 
@@ -382,6 +403,30 @@ def _observed_forward(model: nn.Module, batch: torch.Tensor, layers: dict, handl
             handle.remove()
         for module, training in modes.items():
             module.training = training
+
+
+@contextlib.contextmanager
+def in_float64(model: nn.Module, enabled: bool = True):
+    """Every floating parameter and buffer of `model` in float64 while inside, restored to its own dtype after
+    (exactly: float32, float16 and bfloat16 values are all float64 values). The compared passes run in float64 so
+    that only a real difference counts: in float32, a layer whose output is a near cancellation (an SE squeeze
+    left with one unit of 7e-8 from inputs of 1e-3) changes by 1e-3 of itself when the removed inputs' zeros are
+    no longer summed, and every layer after it inherits that."""
+    saved = []
+    try:
+        for tensor in [*model.parameters(), *model.buffers()] if enabled else []:
+            if tensor.is_floating_point() and tensor.dtype != torch.float64:
+                converted = tensor.data.double()  # raises where float64 is unsupported (MPS): restored below
+                saved.append((tensor, tensor.dtype))
+                tensor.data = converted
+        yield
+    finally:
+        for tensor, dtype in saved:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _batch_in(batch: torch.Tensor, float64: bool) -> torch.Tensor:
+    return batch.double() if float64 and batch.is_floating_point() else batch
 
 
 @contextlib.contextmanager
