@@ -102,3 +102,17 @@ def test_the_sweep_cache_bound_changes_no_plan(monkeypatch):
     plan = select_plan(model, data, budget=0.5, metric="macs", n_samples=256)
     monkeypatch.setattr(mipp_method, "CACHED_TARGETS_PER_GROUP", 1)
     assert select_plan(model, data, budget=0.5, metric="macs", n_samples=256).kept == plan.kept
+    monkeypatch.setattr(mipp_method, "CACHED_SESSION_BYTES", 0)  # every session opened again, trails kept
+    opened = []
+    open_session = mipp_method.PositionFeatures.open
+    monkeypatch.setattr(mipp_method.PositionFeatures, "open",
+                        lambda self, *args: opened.append(1) or open_session(self, *args))
+    assert select_plan(model, data, budget=0.5, metric="macs", n_samples=256).kept == plan.kept
+    assert len(opened) > len(plan.kept)  # sessions were opened again, not copied from the cache
+
+
+def test_tensor_bytes_counts_each_tensor_once():
+    shared = torch.zeros(10, dtype=torch.float64)
+    holder = type("Holder", (), {})()
+    holder.a, holder.b, holder.parts = shared, [shared, torch.zeros(3, dtype=torch.float32)], {"c": (shared,)}
+    assert mipp_method.tensor_bytes(holder) == 80 + 12

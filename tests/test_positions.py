@@ -252,6 +252,34 @@ def test_automatic_features_fall_back_to_the_mean_where_patches_cannot_run(monke
         select_plan(model, data, n_samples=256, budget=0.5, features="patches")
 
 
+def test_automatic_features_read_a_group_by_its_spatial_mean_where_its_readers_are_too_wide_or_thinly_sampled(
+        monkeypatch):
+    """features="auto" decides per group: position features where every reader has at most AUTO_MAX_FEATURES
+    features and at least as many sampled rows; spatial means for the rest, named with the reason in the Plan, and
+    one price over both kinds still reaches the budget."""
+    import mipp.positions as positions
+    from mipp.activations import calibration_size
+
+    model = small_model("lenet5")
+    data = inputs_for(model, 512)
+    plan = select_plan(model, data, n_samples=256, budget=0.5)  # 256 images: classifier.0 has 400 features
+    features = plan.settings["features"]
+    assert features["mean_groups"] == {"features.3": "reader 'classifier.0' sees 256 rows for 400 features"}
+    assert set(features["effective_samples"]) == set(plan.kept) - {"features.3"}
+    assert abs(plan.stats["units_removed"] - 0.5) <= 0.01
+    plan = select_plan(model, data, n_samples=512, budget=0.5)
+    assert "mean_groups" not in plan.settings["features"]  # enough rows: patches everywhere
+    monkeypatch.setattr(positions, "AUTO_MAX_FEATURES", 100)
+    plan = select_plan(model, data, n_samples=512, budget=0.5)
+    assert plan.settings["features"]["mean_groups"]["features.3"] == ("reader 'classifier.0' has 400 features "
+                                                                     "(more than 100)")
+    monkeypatch.setattr(positions, "AUTO_MAX_FEATURES", 1)
+    plan = select_plan(model, data, n_samples=512, budget=0.5)  # no group qualifies: the spatial mean's plan
+    assert "features" not in plan.settings
+    assert plan.kept == select_plan(model, data, n_samples=512, budget=0.5, features="mean").kept
+    assert calibration_size(data, 2000) == 512 and calibration_size((data, None), 100) == 100
+
+
 def test_position_features_check_the_calibration_data_as_spatial_means_do():
     """Too few images for the estimator: an error; a reader with fewer effective samples than features: a warning
     with the numbers (the moments' own form of `_check_samples`)."""

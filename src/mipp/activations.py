@@ -46,6 +46,18 @@ def calibration_batches(data, n_samples: int, batch_size: int = 256, seed: int =
         yield batch
 
 
+def calibration_size(data, n_samples: int) -> int:
+    """How many samples `calibration_batches` yields: n_samples, or fewer where the data hold fewer (a loader's
+    data set's length; n_samples where the length is unknown)."""
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        data = data[0]
+    data = getattr(data, "dataset", data) if isinstance(data, torch.utils.data.DataLoader) else data
+    try:
+        return min(n_samples, len(data))
+    except TypeError:
+        return n_samples
+
+
 def _raw_batches(data, n_samples: int, batch_size: int, seed: int, wanted=None):
     """(batch, where) pairs; `where(i)` names the i-th sample of the batch for error messages. `wanted(j)` False:
     batch j comes as (None, its size), not loaded where that can be avoided (another rank's share)."""

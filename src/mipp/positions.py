@@ -202,18 +202,21 @@ def unit_columns(coupling: Coupling, n_units: int) -> tuple[torch.Tensor, int]:
 
 def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000,
                            positions_per_image: int = POSITIONS_PER_IMAGE, batch_size: int = 256, seed: int = 0,
-                           device: str | torch.device | None = None,
-                           output_range: OutputRange | None = None) -> dict[str, list[ReaderMoments]]:
-    """Per group, the moments of each distinct reader (one per reading point) on the calibration data; given an
-    `OutputRange`, the range of the model's output is recorded in the same pass."""
+                           device: str | torch.device | None = None, output_range: OutputRange | None = None,
+                           groups: set[str] | None = None) -> dict[str, list[ReaderMoments]]:
+    """Per group (of `groups`, default every one), the moments of each distinct reader (one per reading point) on
+    the calibration data; given an `OutputRange`, the range of the model's output is recorded in the same pass."""
     device = torch.device(device or next(model.parameters()).device)
     generator = torch.Generator().manual_seed(seed)
     on_skip = None
     if distributed.active():  # another rank's batch: draw its positions anyway, so that the next batch draws as
-        readers = [c.module_name for g in units.groups for c in units.reading_points[g.key]]  # one process would
+        readers = [c.module_name for g in units.groups if groups is None or g.key in groups  # one process would
+                   for c in units.reading_points[g.key]]
         on_skip = skipped_draws(model, readers, generator, data, seed, device)  # (before the hooks below exist)
     collected: dict[str, list[ReaderMoments]] = {}
     for group in units.groups:
+        if groups is not None and group.key not in groups:
+            continue
         collected[group.key] = []
         for coupling in units.reading_points[group.key]:
             module = model.get_submodule(coupling.module_name)
@@ -246,6 +249,76 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
                              "calibration data: check the data and the model's weights for NaN or inf")
         stats.derive_outputs()
     return collected
+
+
+# features="auto": a group gets position features only where each of its readers has at most this many features
+# (a session costs O(features^2) per removal and its moments hold features^2 numbers: ViT's MLP readers of 3,072
+# features took over 25 minutes, ResNet-50's 3x3 readers of 4,608 over 14 GB) and at least as many sampled rows as
+# features (fewer rows determine no more than the spatial mean does, whose session works in the samples' space).
+AUTO_MAX_FEATURES = 2048
+
+
+def rows_per_image(model: nn.Module, readers: list[str], example: torch.Tensor, positions: int) -> dict[str, int]:
+    """Sampled rows one image gives each reader (by name): a convolution's output positions, at most `positions`;
+    a Linear's tokens (1 for a flat input). From one forward pass of the first example."""
+    rows: dict[str, int] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            if name not in rows:
+                x = inputs[0]
+                rows[name] = (math.prod(x.shape[1:-1]) if isinstance(module, nn.Linear)
+                              else min(positions, math.prod(output.shape[2:])))
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in dict.fromkeys(readers)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return rows
+
+
+def automatic_groups(model: nn.Module, units: UnitGraph, example: torch.Tensor, images: int, positions: int,
+                     max_features: int | None = None) -> tuple[set[str], dict[str, str]]:
+    """What features="auto" gives position features: the groups whose every reader is a Linear or Conv layer that
+    reads each unit through the same number of inputs, has at most `max_features` features and sees at least as
+    many rows (`images` x `rows_per_image`) as features (default `AUTO_MAX_FEATURES`); and, for every other group,
+    why not."""
+    max_features = AUTO_MAX_FEATURES if max_features is None else max_features
+    readers = [c.module_name for g in units.groups for c in units.reading_points[g.key]]
+    supported = {name for name in readers if isinstance(model.get_submodule(name), (nn.Linear, nn.Conv1d,
+                                                                                    nn.Conv2d, nn.Conv3d))}
+    rows = rows_per_image(model, sorted(supported), example, positions)
+    chosen, reasons = set(), {}
+    for group in units.groups:
+        for coupling in units.reading_points[group.key]:
+            name = coupling.module_name
+            if name not in supported:
+                reasons[group.key] = f"reader {name!r} is a {type(model.get_submodule(name)).__name__}"
+                break
+            try:
+                _, per_unit = unit_columns(coupling, group.size)
+            except UnsupportedReader:
+                reasons[group.key] = f"reader {name!r} reads its units through unequal numbers of inputs"
+                break
+            module = model.get_submodule(name)
+            width = group.size * per_unit * (1 if isinstance(module, nn.Linear) else math.prod(module.kernel_size))
+            samples = images * rows.get(name, 0)
+            if width > max_features:
+                reasons[group.key] = f"reader {name!r} has {width} features (more than {max_features})"
+                break
+            if samples < width:
+                reasons[group.key] = f"reader {name!r} sees {samples} rows for {width} features"
+                break
+        else:
+            chosen.add(group.key)
+    return chosen, reasons
 
 
 # The selection holds each reader's (features + outputs)^2 float64 moments and, per session, a few matrices of that

@@ -45,15 +45,18 @@ from typing import Iterator
 
 import torch
 
-from mipp.activations import Activations, capture, constant_output_error, warn_dead_layers
-from mipp.methods.mipp_features import MeanFeatures, PositionFeatures, target_of  # noqa: F401 (target_of: API)
+from mipp.activations import (Activations, calibration_size, capture, constant_output_error,
+                              warn_dead_layers)
+from mipp.methods.mipp_features import (MeanFeatures, MixedFeatures, PositionFeatures,  # noqa: F401 (target_of:
+                                        target_of)  # API)
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
 from mipp.mi import estimator_class, get_estimator
 from mipp.mi.base import LayerSession, TestResult
 from mipp.mi.cost import announce_cost
 from mipp.plan import Plan, UnitDecision
-from mipp.positions import POSITIONS_PER_IMAGE, OutputRange, UnsupportedReader, capture_reader_moments
+from mipp.positions import (POSITIONS_PER_IMAGE, OutputRange, UnsupportedReader, automatic_groups,
+                            capture_reader_moments)
 from mipp.progress import Progress
 
 
@@ -196,7 +199,9 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
             unit_mi = entry.unit_mi if entry is not None else session.unit_mi()
         else:
             cache[signature] = cache.pop(signature)  # most recently used last
-            session, unit_mi = copy.deepcopy(entry.session), entry.unit_mi
+            session = (copy.deepcopy(entry.session) if entry.session is not None
+                       else features.open(group, kept, estimator, confidence))  # the same session, opened again
+            unit_mi = entry.unit_mi
         records = {i: UnitDecision(unit=i, kept=True, mi=float(unit_mi[i])) for i in range(group.size)}
         floor = ctx.min_width(group.size)
         lost_share[group.key], trail = _sweep_group(session, unit_mi, order, rule, group.key, floor, records,
@@ -263,56 +268,95 @@ def _apply(session: LayerSession, waiting: list[int]) -> None:
 
 @dataclass
 class _CacheEntry:
-    """A budget search's cached layer: its fresh session, the units' MI, its group, and the trail of the latest
-    sweep that started from it (see `_sweep_group`)."""
+    """A budget search's cached layer: its fresh session (None once dropped for memory: it is opened again), the
+    units' MI, its group, and the trail of the latest sweep that started from it (see `_sweep_group`)."""
 
-    session: LayerSession
+    session: LayerSession | None
     unit_mi: torch.Tensor
     group: str
     trail: list | None = None
+    bytes: int = 0
+
+    def __post_init__(self):
+        self.bytes = tensor_bytes(self.session)
 
 
-CACHED_TARGETS_PER_GROUP = 4  # fresh sessions a budget search keeps per group (the most recently used ones)
+CACHED_TARGETS_PER_GROUP = 4  # targets a budget search remembers per group (the most recently used ones)
+# Fresh sessions the cache holds, in bytes of their matrices: beyond it the least recently used are dropped and
+# opened again when needed (ResNet-50's residual streams, read at several points with 2,048 features, held
+# several GB in four sessions per group).
+CACHED_SESSION_BYTES = 512 * 2 ** 20
 
 
 def _remember(cache: dict, signature, entry: _CacheEntry) -> None:
     """Add a fresh session to the sweep cache, dropping the least recently used entries of the same group beyond
-    CACHED_TARGETS_PER_GROUP: a search's sweeps revisit recent targets, and every kept session holds its matrices.
-    A session from the cache is a copy of what opening it again computes, so the bound changes no result, only how
-    often a session is opened."""
+    CACHED_TARGETS_PER_GROUP, and the least recently used sessions (keeping their trails) beyond
+    CACHED_SESSION_BYTES. A session from the cache is a copy of what opening it again computes, so neither bound
+    changes a result, only how often a session is opened."""
     cache[signature] = entry
     mine = [key for key, value in cache.items() if value.group == entry.group]
     for stale in mine[:-CACHED_TARGETS_PER_GROUP]:
         del cache[stale]
+    held = sum(value.bytes for value in cache.values())
+    for value in cache.values():  # least recently used first
+        if held <= CACHED_SESSION_BYTES or value is entry:
+            break
+        held -= value.bytes
+        value.session, value.bytes = None, 0
+
+
+def tensor_bytes(obj, seen: set | None = None) -> int:
+    """Bytes of the tensors an object holds in its attributes, lists, tuples and dicts (each tensor once)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return tensor_bytes(vars(obj), seen)
+    return 0
 
 
 def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = None,
             acts: Activations | None = None):
-    """(features, estimator, record): what a sweep needs, from one calibration pass (spatial means, or position
-    moments with features="patches"), and what the Plan records of it."""
-    moments = None
+    """(features, estimator, record): what a sweep needs, from the calibration passes (spatial means, position
+    moments with features="patches", or both where "auto" gives some groups each), and what the Plan records."""
+    moments, on_means = None, {}
     if settings.features == "patches":
+        chosen = None
+        if settings.automatic:
+            chosen, on_means = automatic_groups(ctx.model, ctx.units, ctx.example_input,
+                                                calibration_size(ctx.data, ctx.n_samples), settings.positions)
         output_range = OutputRange()
         try:
-            moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
-                                             positions_per_image=settings.positions, seed=ctx.seed,
-                                             device=ctx.device, output_range=output_range)
+            if chosen is None or chosen:
+                moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
+                                                 positions_per_image=settings.positions, seed=ctx.seed,
+                                                 device=ctx.device, output_range=output_range, groups=chosen)
         except (MemoryError, UnsupportedReader) as err:
             if not settings.automatic:
                 raise
             warnings.warn(f"MIPP falls back to features='mean' (spatial means): {err}", stacklevel=3)
+        if moments is None:
             settings = dataclasses.replace(settings, features="mean")
     if moments is not None:
         _check_moments(moments, output_range, settings)
         features = PositionFeatures(ctx.units, moments)
         ctx.reader_moments = moments  # the same sums are every re-fitted reader's normal equations
         n_samples = next(r.images for readers in moments.values() for r in readers)
-    else:
+    if moments is None or on_means:
         if acts is None:
             acts = capture(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples, pool=settings.pool,
                            seed=ctx.seed, device=ctx.device)
         _check_samples(acts, settings)
-        features, n_samples = MeanFeatures(ctx.units, acts), acts.n_samples
+        means = MeanFeatures(ctx.units, acts)
+        features = means if moments is None else MixedFeatures(features, means, set(on_means))
+        n_samples = acts.n_samples
     estimator = get_estimator(settings.estimator, **{"seed": ctx.seed, **settings.estimator_options})
     announce_cost(settings.estimator, estimator, [g.size for g in ctx.units.groups], n_samples, budget is not None,
                   ctx.seed)
@@ -322,6 +366,8 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
     if settings.features != "mean":  # recorded when not the spatial mean, so plans made with it stay as they were
         record["features"] = {"kind": settings.features, "positions_per_image": settings.positions,
                               "effective_samples": features.effective_samples()}
+        if on_means:  # "auto": these groups were read by their spatial means, and why
+            record["features"]["mean_groups"] = on_means
     return features, estimator, record
 
 

@@ -132,6 +132,27 @@ class PositionFeatures:
         return {key: min(r.effective_samples for r in readers) for key, readers in self.moments.items() if readers}
 
 
+class MixedFeatures:
+    """features="auto" on a model where some groups get position features and others cannot or should not
+    (`mipp.positions.automatic_groups`): each group's session comes from the one that serves it. Both kinds measure
+    a removal as a share of their target's variance, so one price ranks them alike."""
+
+    def __init__(self, positions: PositionFeatures, means: MeanFeatures, on_means: set[str]):
+        self.positions, self.means, self.on_means = positions, means, on_means
+
+    def _serving(self, group: UnitGroup):
+        return self.means if group.key in self.on_means else self.positions
+
+    def signature(self, group: UnitGroup, kept: dict[str, list[int]]):
+        return self._serving(group).signature(group, kept)
+
+    def open(self, group: UnitGroup, kept: dict[str, list[int]], estimator, confidence: float) -> LayerSession:
+        return self._serving(group).open(group, kept, estimator, confidence)
+
+    def effective_samples(self) -> dict[str, int]:
+        return self.positions.effective_samples()
+
+
 class JointSession(LayerSession):
     """One group read at several points: a Gaussian session per reader, removals applied to all (see module doc)."""
 
