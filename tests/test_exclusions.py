@@ -187,3 +187,20 @@ def test_a_plan_applied_after_the_trial_equals_the_masked_original():
     pruned = mipp.apply_plan(model, plan, units=units)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_reshape_mapping_that_explodes_leaves_its_root_unpruned_instead_of_running_on(monkeypatch):
+    """torch-pruning's flatten mapping compounds strides through Swin-T's window partitions into lists of millions
+    of indices (hours of tracing); beyond MAX_MAPPED_INDICES the root it starts from is excluded with the reason.
+    Here the bound is lowered below what LeNet-5's Flatten (16 channels of 5 x 5) needs."""
+    import mipp.units as units
+    from conftest import inputs_for, small_model
+
+    model = small_model("lenet5")
+    x = inputs_for(model, 2)
+    whole = find_units(model, x)
+    monkeypatch.setattr(units, "MAX_MAPPED_INDICES", 100)
+    with pytest.warns(UserWarning, match="a reshape maps 16 indices to 400"):
+        bounded = find_units(model, x)
+    assert "features.3" in bounded.excluded and "features.3" in [g.key for g in whole.groups]
+    assert {g.key for g in bounded.groups} == {g.key for g in whole.groups} - {"features.3"}

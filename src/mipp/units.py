@@ -233,6 +233,32 @@ def _guard_index_mapping() -> None:
 
 _guard_index_mapping()
 
+# More indices than this from one channel mapping is no layer's channel mapping (a Linear after a Flatten of a
+# 64 x 112 x 112 map reads 802,816): torch-pruning's reshape mapping on Swin-T compounds a stride of 32 through
+# window partitions into lists of 67 million indices and runs for hours. Beyond it the root is left unpruned.
+MAX_MAPPED_INDICES = 2 ** 22
+
+
+def _bound_reshape_mapping() -> None:
+    """Make torch-pruning's reshape (flatten) index mapping raise, instead of running on, where it would map a set
+    of channels to more than MAX_MAPPED_INDICES indices; `_all_groups` then excludes that root with the reason."""
+    mapping = tp.dependency.index_mapping._FlattenIndexMapping
+    original = mapping.__call__
+    if getattr(original, "mipp_bound", False):
+        return
+
+    def bounded(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > MAX_MAPPED_INDICES:
+            raise ValueError(f"a reshape maps {len(idxs)} indices to {len(idxs) * self._stride} (stride "
+                             f"{self._stride}), more than any layer has channels")
+        return original(self, idxs)
+
+    bounded.mipp_bound = True
+    mapping.__call__ = bounded
+
+
+_bound_reshape_mapping()
+
 
 def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, trial: bool = True) -> UnitGraph:
     """Find the prunable unit groups of `model`, ordered from the output back to the input.
