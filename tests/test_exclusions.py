@@ -204,3 +204,8 @@ def test_a_reshape_mapping_that_explodes_leaves_its_root_unpruned_instead_of_run
         bounded = find_units(model, x)
     assert "features.3" in bounded.excluded and "features.3" in [g.key for g in whole.groups]
     assert {g.key for g in bounded.groups} == {g.key for g in whole.groups} - {"features.3"}
+    monkeypatch.setattr(units, "MAX_MAPPED_INDICES", 10 ** 6)
+    monkeypatch.setattr(units, "MAX_GROUP_INDICES", 100)  # the same for the indices a group holds in all
+    with pytest.warns(UserWarning, match="more than 100 indices over its layers"):
+        bounded = find_units(model, x)
+    assert "features.3" in bounded.excluded

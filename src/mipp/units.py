@@ -234,30 +234,42 @@ def _guard_index_mapping() -> None:
 _guard_index_mapping()
 
 # More indices than this from one channel mapping is no layer's channel mapping (a Linear after a Flatten of a
-# 64 x 112 x 112 map reads 802,816): torch-pruning's reshape mapping on Swin-T compounds a stride of 32 through
-# window partitions into lists of 67 million indices and runs for hours. Beyond it the root is left unpruned.
-MAX_MAPPED_INDICES = 2 ** 22
+# 64 x 112 x 112 map reads 802,816), and more than MAX_GROUP_INDICES over a group's layers no group's: torch-
+# pruning's reshape mapping on Swin-T compounds a stride of 32 through window partitions into lists of 67 million
+# indices (hours of tracing), and MaxViT's groups filled 24 GB with index objects. Beyond either bound the root
+# is left unpruned, with the reason.
+MAX_MAPPED_INDICES = 2 ** 20
+MAX_GROUP_INDICES = 2 ** 22
 
 
-def _bound_reshape_mapping() -> None:
-    """Make torch-pruning's reshape (flatten) index mapping raise, instead of running on, where it would map a set
-    of channels to more than MAX_MAPPED_INDICES indices; `_all_groups` then excludes that root with the reason."""
-    mapping = tp.dependency.index_mapping._FlattenIndexMapping
-    original = mapping.__call__
-    if getattr(original, "mipp_bound", False):
+def _bound_index_mappings() -> None:
+    """Make torch-pruning raise, instead of running on, where its reshape (flatten) mapping would map a set of
+    channels to more than MAX_MAPPED_INDICES indices or a group being formed would hold more than
+    MAX_GROUP_INDICES; `_all_groups` then excludes that root with the reason."""
+    mapping, group = tp.dependency.index_mapping._FlattenIndexMapping, tp.dependency.group.Group
+    if getattr(mapping.__call__, "mipp_bound", False):
         return
+    original_call, original_add = mapping.__call__, group.add_dep
 
-    def bounded(self, idxs):
+    def bounded_call(self, idxs):
         if not self.reverse and len(idxs) * self._stride > MAX_MAPPED_INDICES:
             raise ValueError(f"a reshape maps {len(idxs)} indices to {len(idxs) * self._stride} (stride "
                              f"{self._stride}), more than any layer has channels")
-        return original(self, idxs)
+        return original_call(self, idxs)
 
-    bounded.mipp_bound = True
-    mapping.__call__ = bounded
+    def bounded_add(self, dep, idxs):
+        held = getattr(self, "_mipp_indices", 0) + len(idxs)
+        if held > MAX_GROUP_INDICES:
+            raise ValueError(f"its reshapes map its channels to more than {MAX_GROUP_INDICES} indices over its "
+                             "layers, more than any group has channels")
+        self._mipp_indices = held
+        return original_add(self, dep, idxs)
+
+    bounded_call.mipp_bound = True
+    mapping.__call__, group.add_dep = bounded_call, bounded_add
 
 
-_bound_reshape_mapping()
+_bound_index_mappings()
 
 
 def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, trial: bool = True) -> UnitGraph:
