@@ -53,6 +53,28 @@ def test_linear_reader_replaces_an_exactly_redundant_unit():
     assert max_error(prune_by_hand(model, plan, data, data[:2], reconstruct=False), model, held_out) > 1e-2
 
 
+def test_a_reader_with_fewer_rows_than_kept_inputs_keeps_the_weights_the_rows_do_not_determine():
+    """20 calibration rows for a reader of 40 kept inputs: the fit pulls towards the original weights (the ridge's
+    prior), so the re-fitted reader is still about the original on inputs the rows never spanned, where a pull
+    towards zero drops every component outside the rows' span (LeNet-5's classifier got weights of 30 that way)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 41), nn.ReLU(), nn.Linear(41, 3)).eval()
+    data, held_out = torch.randn(20, 10), torch.randn(200, 10)
+    plan = manual_plan({"0": [40]}, {"0": 41})
+    refitted = prune_by_hand(model, plan, data, data[:2])
+    original = model[2].weight.detach()[:, :40]
+    assert float((refitted[2].weight.detach() - original).norm() / original.norm()) < 0.5
+    assert relative_mse(refitted, model, held_out) < relative_mse(prune_by_hand(model, plan, data, data[:2],
+                                                                                reconstruct=False), model, held_out)
+    pruned = copy.deepcopy(model)
+    units = mipp.find_units(pruned, data[:2])
+    statistics = mipp.reconstruction_statistics(pruned, plan, data, units=units, n_samples=len(data))
+    statistics["2"].prior = None  # the pull towards zero: the part the rows do not determine is lost
+    mipp.apply_plan(pruned, plan, units=units)
+    mipp.refit_readers(pruned, statistics)
+    assert float((pruned[2].weight.detach() - original).norm() / original.norm()) > 0.5
+
+
 @pytest.mark.parametrize("conv,options", [
     (nn.Conv2d, dict(kernel_size=3, stride=2, padding=2, dilation=2)),
     (nn.Conv1d, dict(kernel_size=3, padding=1, padding_mode="reflect")),

@@ -258,43 +258,19 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
 AUTO_MAX_FEATURES = 2048
 
 
-def rows_per_image(model: nn.Module, readers: list[str], example: torch.Tensor, positions: int) -> dict[str, int]:
-    """Sampled rows one image gives each reader (by name): a convolution's output positions, at most `positions`;
-    a Linear's tokens (1 for a flat input). From one forward pass of the first example."""
-    rows: dict[str, int] = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            if name not in rows:
-                x = inputs[0]
-                rows[name] = (math.prod(x.shape[1:-1]) if isinstance(module, nn.Linear)
-                              else min(positions, math.prod(output.shape[2:])))
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in dict.fromkeys(readers)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return rows
-
-
-def automatic_groups(model: nn.Module, units: UnitGraph, example: torch.Tensor, images: int, positions: int,
+def automatic_groups(model: nn.Module, units: UnitGraph, images: int, positions: int,
                      max_features: int | None = None) -> tuple[set[str], dict[str, str]]:
     """What features="auto" gives position features: the groups whose every reader is a Linear or Conv layer that
-    reads each unit through the same number of inputs, has at most `max_features` features and sees at least as
-    many rows (`images` x `rows_per_image`) as features (default `AUTO_MAX_FEATURES`); and, for every other group,
-    why not."""
+    reads each unit through the same number of inputs, has at most `max_features` features (default
+    `AUTO_MAX_FEATURES`) and sees at least as many rows as features (`images` times its rows per image: a
+    convolution's output positions, at most `positions`, or a Linear's tokens, from the trace); and, for every
+    other group, why not."""
     max_features = AUTO_MAX_FEATURES if max_features is None else max_features
     readers = [c.module_name for g in units.groups for c in units.reading_points[g.key]]
     supported = {name for name in readers if isinstance(model.get_submodule(name), (nn.Linear, nn.Conv1d,
                                                                                     nn.Conv2d, nn.Conv3d))}
-    rows = rows_per_image(model, sorted(supported), example, positions)
+    rows = {name: units.module_extent.get(name, 0) if isinstance(model.get_submodule(name), nn.Linear)
+            else min(positions, units.module_extent.get(name, 0)) for name in supported}
     chosen, reasons = set(), {}
     for group in units.groups:
         for coupling in units.reading_points[group.key]:

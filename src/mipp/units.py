@@ -97,6 +97,8 @@ class UnitGraph:
     module_macs: dict[str, int] = field(default_factory=dict)  # conv / linear module -> MACs for one sample
     reading_points: dict[str, list[Coupling]] = field(default_factory=dict)  # group -> readers of distinct tensors
     excluded: dict[str, str] = field(default_factory=dict)  # root module of a group left unpruned -> why
+    # conv / linear module -> its output values per channel for one sample (a conv's positions, a Linear's tokens)
+    module_extent: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> UnitGroup:
         for group in self.groups:
@@ -327,7 +329,7 @@ def find_units(model: nn.Module, example_input: torch.Tensor | None = None, *, t
         )
     points = {g.key: _distinct_reading_points(g, recorder.inputs) for g in groups}
     return UnitGraph(groups, _unique(outputs), tuple(example_input.shape), recorder.order, graph, recorder.macs,
-                     points, excluded)
+                     points, excluded, dict(recorder.extent))
 
 
 def _all_groups(graph: tp.DependencyGraph):

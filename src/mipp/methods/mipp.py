@@ -330,8 +330,8 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
     if settings.features == "patches":
         chosen = None
         if settings.automatic:
-            chosen, on_means = automatic_groups(ctx.model, ctx.units, ctx.example_input,
-                                                calibration_size(ctx.data, ctx.n_samples), settings.positions)
+            chosen, on_means = automatic_groups(ctx.model, ctx.units, calibration_size(ctx.data, ctx.n_samples),
+                                                settings.positions)
         output_range = OutputRange()
         try:
             if chosen is None or chosen:
