@@ -83,7 +83,6 @@ class PositionFeatures:
             for coupling in group.coupled("out"):
                 if coupling.module_name in self.producer_of and self.producer_of[coupling.module_name] == group.key:
                     self.output_units[coupling.module_name] = (group.key, coupling.index, coupling.unit)
-        self._covariances: dict[tuple[str, str], torch.Tensor] = {}
         self._x_inverses: dict[tuple[str, str], torch.Tensor] = {}
 
     def _kept_outputs(self, reader: ReaderMoments, kept: dict[str, list[int]]) -> tuple[str, tuple[int, ...]]:
@@ -121,11 +120,11 @@ class PositionFeatures:
             sessions.append(session)
         return sessions[0] if len(sessions) == 1 else JointSession(sessions, confidence)
 
-    def _covariance(self, reader: ReaderMoments) -> torch.Tensor:
-        key = (reader.group, reader.reader)
-        if key not in self._covariances:
-            self._covariances[key] = reader.moments.covariance()
-        return self._covariances[key]
+    @staticmethod
+    def _covariance(reader: ReaderMoments) -> torch.Tensor:
+        """The reader's covariance, computed at each opening (a division of its scatter: cheap beside the session's
+        factorisation) rather than held beside the moments, which would double their memory."""
+        return reader.moments.covariance()
 
     def effective_samples(self) -> dict[str, int]:
         """Per group, the smallest effective sample size of its readers (what the plan records)."""
