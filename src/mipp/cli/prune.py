@@ -48,8 +48,9 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                         help="MIPP with --features mean: pool conv channels to a KxK grid instead of the mean")
     parser.add_argument("--features", choices=("auto", "patches", "mean"), default="auto",
                         help="MIPP's features of a conv channel: k x k patches at sampled positions, or the spatial "
-                             "mean (cheaper); auto (default): patches with the gaussian estimator where they fit, "
-                             "else mean")
+                             "mean (cheaper); auto (default): with the gaussian estimator, patches for each group "
+                             "whose readers have at most 2048 features and as many sampled rows, the mean for the "
+                             "rest")
     parser.add_argument("--positions", type=int, default=None,
                         help="MIPP with patches: output positions sampled per image (default 16)")
     parser.add_argument("--min-units", type=float, default=1,

@@ -25,13 +25,16 @@ k x k input patch as its features and the reader's own output there as target (`
 size for the correlated positions of one image, and its moments are also the normal equations of the
 reconstruction, which then needs no second pass. "mean", the paper's reading, summarises a conv channel by its
 spatial mean at the next layer's input and takes the next layer's kept activations as target: several times
-cheaper to select, but it averages the convolution's relation away. "auto", the default, is "patches" with the
-Gaussian estimator and "mean" with the others (KSG and the loss proxy work on samples, not moments) or with
-`pool`, and falls back to "mean" with a warning where the position moments would not fit in memory or a reader is
-not a Linear or Conv layer. Patches are the default because they measured better at equal MACs on every model of
-the experiment stores (LeNet-5, VGG-11 and ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a
-baseline by the paired interval, where the spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by
-10-12 points at 70%). Both check the calibration data alike (`_check_samples`, `_check_moments`).
+cheaper to select, but it averages the convolution's relation away. "auto", the default, is "mean" with KSG and
+the loss proxy (they work on samples, not moments) or with `pool`; with the Gaussian estimator it decides per
+group (`mipp.positions.automatic_groups`): patches where every reader is a Linear or Conv layer with at most
+AUTO_MAX_FEATURES features and at least as many sampled rows, the spatial mean for the other groups in the same
+sweep (`MixedFeatures`: both measure a removal as a share of their target's variance, so one price ranks them),
+and "mean" everywhere, with a warning, where the chosen groups' moments would not fit in memory. Patches are the
+default because they measured better at equal MACs on every model of the experiment stores (LeNet-5, VGG-11 and
+ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a baseline by the paired interval, where the
+spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by 10-12 points at 70%). Both check the
+calibration data alike (`_check_samples`, `_check_moments`).
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ class MIPPSettings:
     pool: int | None = None  # None: spatial mean per channel; k: k x k grid features per channel
     order: str = "mi"  # "mi": the paper's fixed MI order; "greedy": lowest current transfer entropy next
     features: str = "auto"  # "patches": k x k patches at sampled positions; "mean": a channel's spatial mean;
-    # "auto": patches with the Gaussian estimator (and no pool), else mean (see the module doc)
+    # "auto": with the Gaussian estimator (and no pool) patches where a group's readers allow, else mean (module doc)
     positions: int = POSITIONS_PER_IMAGE  # features="patches": output positions sampled per image
     max_bisection_steps: int = 30
     automatic: bool = field(default=False, init=False)  # features came from "auto" (it may fall back to "mean")
