@@ -67,7 +67,7 @@ def main() -> None:
           f"MIPP removes {100 * plan.stats['macs_removed']:.1f}% of MACs")
     held_out = torch.randn(500, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     plain = apply_plan(copy.deepcopy(model), plan, ctx.example_input)
-    print(f"{'what':<58} {'seconds':>9} {'x forward':>10} {'rel. error':>10}")
+    print(f"{'what':<66} {'seconds':>9} {'x forward':>10} {'rel. error':>10}")
     rows = [("forward pass of the calibration samples (the reference)", floor, None),
             ("MIPP selection, features='mean', 50% of MACs (capture incl.)", selection, None),
             ("plain removal (no reconstruction)", None, relative_error(plain, model, held_out))]
@@ -83,27 +83,31 @@ def main() -> None:
                  (f"reconstruction solves ({len(statistics)} readers)", solve, None),
                  (f"selection + reconstruction, {positions} positions/image{mark}", selection + gather + solve,
                   relative_error(target, model, held_out))]
-    # features="patches": the selection's position-sampled moments are the readers' normal equations (no second pass)
-    patches_ctx = make_context(model, data, n_samples=args.samples)
-    patches_plan, patches_selection = timed(
-        lambda: get_method("mipp").select(patches_ctx, Budget(0.5, "macs"), features="patches"))
-    target = copy.deepcopy(model)
-    units = find_units(target, ctx.example_input)
-    statistics, gather = timed(lambda: reconstruction_statistics(
-        target, patches_plan, data, units=units, n_samples=args.samples, moments=patches_ctx.reader_moments))
-    apply_plan(target, patches_plan, units=units)
-    _, solve = timed(lambda: refit_readers(target, statistics))
-    rows += [(f"MIPP selection, features='patches' ({100 * patches_plan.stats['macs_removed']:.1f}% of MACs)",
-              patches_selection, None),
-             ("reconstruction statistics from the selection's moments", gather, None),
-             (f"reconstruction solves ({len(statistics)} readers)", solve, None),
-             ("selection + reconstruction, features='patches'", patches_selection + gather + solve,
-              relative_error(target, model, held_out))]
+    # features="patches": the selection's position-sampled moments are the readers' normal equations (no second
+    # pass); "auto" (the default): patches for the groups whose readers have at most AUTO_MAX_FEATURES features, the
+    # spatial mean for the rest, and a reconstruction pass only for the readers the moments do not cover
+    for features in ("patches", "auto"):
+        patches_ctx = make_context(model, data, n_samples=args.samples)
+        patches_plan, patches_selection = timed(
+            lambda: get_method("mipp").select(patches_ctx, Budget(0.5, "macs"), features=features))
+        target = copy.deepcopy(model)
+        units = find_units(target, ctx.example_input)
+        statistics, gather = timed(lambda: reconstruction_statistics(
+            target, patches_plan, data, units=units, n_samples=args.samples, moments=patches_ctx.reader_moments))
+        apply_plan(target, patches_plan, units=units)
+        _, solve = timed(lambda: refit_readers(target, statistics))
+        on_means = len((patches_plan.settings.get("features") or {}).get("mean_groups", {}))
+        rows += [(f"MIPP selection, features={features!r} ({100 * patches_plan.stats['macs_removed']:.1f}% of MACs"
+                  + (f"; {on_means} groups on means)" if features == "auto" else ")"), patches_selection, None),
+                 ("reconstruction statistics: the moments (+ a pass for the rest)", gather, None),
+                 (f"reconstruction solves ({len(statistics)} readers)", solve, None),
+                 (f"selection + reconstruction, features={features!r}", patches_selection + gather + solve,
+                  relative_error(target, model, held_out))]
     _, recalibration = timed(lambda: recalibrate_batch_norm(target, data))
     rows.append(("batch-norm recalibration (16 batches of 128)", recalibration, None))
     for label, seconds, error in rows:
         time_columns = f"{'':>9} {'':>10}" if seconds is None else f"{seconds:>9.3f} {seconds / floor:>10.2f}"
-        print(f"{label:<58} {time_columns} {'' if error is None else f'{error:.4f}':>10}")
+        print(f"{label:<66} {time_columns} {'' if error is None else f'{error:.4f}':>10}")
 
 
 if __name__ == "__main__":
