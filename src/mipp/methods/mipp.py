@@ -50,8 +50,8 @@ import torch
 
 from mipp.activations import (Activations, calibration_size, capture, constant_output_error,
                               warn_dead_layers)
-from mipp.methods.mipp_features import (MeanFeatures, MixedFeatures, PositionFeatures,  # noqa: F401 (target_of:
-                                        target_of)  # API)
+from mipp.methods.mipp_features import MeanFeatures, MixedFeatures, PositionFeatures
+from mipp.methods.mipp_features import target_of  # noqa: F401 (API)
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
 from mipp.mi import estimator_class, get_estimator
