@@ -108,7 +108,9 @@ class PositionFeatures:
             width = reader.n_units * reader.f
             outputs = list(columns) if columns else list(range(reader.n_outputs))
             index = torch.tensor(list(range(width)) + [width + c for c in outputs], dtype=torch.long)
-            cov = self._covariance(reader)[index][:, index]
+            # computed at each opening (a division of the scatter, cheap beside the factorisation) rather than held
+            # beside the moments, which would double their memory
+            cov = reader.moments.covariance()[index][:, index]
             ridge = rank_deficient_ridge(reader.moments.count, width, estimator.ridge)  # as the estimator's own
             blocks = [(list(range(width)), ridge), (list(range(width, len(index))), estimator.target_ridge)]
             cov = regularise(cov, blocks, estimator.floor, estimator.ridge_scale)
@@ -119,12 +121,6 @@ class PositionFeatures:
                 self._x_inverses[key] = session.initial_x_inverse()
             sessions.append(session)
         return sessions[0] if len(sessions) == 1 else JointSession(sessions, confidence)
-
-    @staticmethod
-    def _covariance(reader: ReaderMoments) -> torch.Tensor:
-        """The reader's covariance, computed at each opening (a division of its scatter: cheap beside the session's
-        factorisation) rather than held beside the moments, which would double their memory."""
-        return reader.moments.covariance()
 
     def effective_samples(self) -> dict[str, int]:
         """Per group, the smallest effective sample size of its readers (what the plan records)."""
