@@ -41,6 +41,8 @@ class UnsupportedReader(ValueError):
     """A reader whose input position features cannot describe (not a Linear or Conv, or unequal inputs per unit)."""
 
 
+POSITION_READERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers whose inputs position features describe
+
 # Output positions sampled per image for a convolution reader (all of them when its map is smaller).
 POSITIONS_PER_IMAGE = 16
 
@@ -220,7 +222,7 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
         collected[group.key] = []
         for coupling in units.reading_points[group.key]:
             module = model.get_submodule(coupling.module_name)
-            if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if not isinstance(module, POSITION_READERS):
                 raise UnsupportedReader(f"reader {coupling.module_name!r} of group {group.key!r} is a "
                                         f"{type(module).__name__}; position features need Linear or Conv readers")
             columns, f = unit_columns(coupling, group.size)
@@ -267,8 +269,7 @@ def automatic_groups(model: nn.Module, units: UnitGraph, images: int, positions:
     other group, why not."""
     max_features = AUTO_MAX_FEATURES if max_features is None else max_features
     readers = [c.module_name for g in units.groups for c in units.reading_points[g.key]]
-    supported = {name for name in readers if isinstance(model.get_submodule(name), (nn.Linear, nn.Conv1d,
-                                                                                    nn.Conv2d, nn.Conv3d))}
+    supported = {name for name in readers if isinstance(model.get_submodule(name), POSITION_READERS)}
     rows = {name: units.module_extent.get(name, 0) if isinstance(model.get_submodule(name), nn.Linear)
             else min(positions, units.module_extent.get(name, 0)) for name in supported}
     chosen, reasons = set(), {}
