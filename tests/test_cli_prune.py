@@ -8,6 +8,7 @@ from mipp import demo
 from mipp.checkpoint import load_model
 from mipp.cli import main
 from mipp.plan import Plan
+from mipp.reconstruct import DEFAULT_MODE
 
 SYNTHETIC = ["--data", "synthetic", "--data-option", "n=600"]
 
@@ -45,10 +46,12 @@ def test_reconstruction_and_recalibration_flags_round_trip(capsys, trained, tmp_
     on = run_json(capsys, base + ["--out", str(tmp_path / "on")])
     off = run_json(capsys, base + ["--no-reconstruct", "--no-recalibrate", "--recalibration-batches", "3",
                                    "--out", str(tmp_path / "off")])
-    assert (on["reconstruct"], on["recalibrate"], on["recalibration_batches"]) == (True, True, 16)
+    sequential = run_json(capsys, base + ["--reconstruct-mode", "sequential", "--out", str(tmp_path / "sequential")])
+    assert (on["reconstruct"], on["recalibrate"], on["recalibration_batches"]) == (DEFAULT_MODE, True, 16)
     assert (off["reconstruct"], off["recalibrate"], off["recalibration_batches"]) == (False, False, 3)
+    assert sequential["reconstruct"] == "sequential" and sequential["readers_refitted"] == on["readers_refitted"]
     assert on["readers_refitted"] >= 1 and off["readers_refitted"] == 0
-    for name, result in (("on", on), ("off", off)):
+    for name, result in (("on", on), ("off", off), ("sequential", sequential)):
         settings = Plan.load(tmp_path / name / "plan.json").settings
         assert {k: settings[k] for k in ("reconstruct", "recalibrate", "recalibration_batches")} == \
             {k: result[k] for k in ("reconstruct", "recalibrate", "recalibration_batches")}

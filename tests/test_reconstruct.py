@@ -12,6 +12,7 @@ from conftest import inputs_for, small_model
 from mipp.models.planted import TRUTH, planted_inputs, planted_network
 from mipp.plan import Plan
 from mipp.recalibrate import batch_norms
+from mipp.reconstruct import ReaderStatistics
 
 
 def manual_plan(removed: dict[str, list[int]], sizes: dict[str, int]) -> Plan:
@@ -143,6 +144,77 @@ def test_reconstruction_reduces_the_error_of_a_random_plan_on_held_out_inputs(na
                                   reconstruct=reconstruct, recalibrate=False)
         errors[reconstruct] = relative_mse(pruned, model, held_out)
     assert errors[True] < 0.5 * errors[False], errors
+
+
+@pytest.mark.parametrize("name", ["resnet18", "lenet5", "concat"])
+def test_sequential_reconstruction_compensates_what_earlier_layers_leave(name):
+    """Each reader re-fitted from the pruned network's own inputs: the output error of a random plan is below that
+    of re-fitting every reader from the original inputs, on held-out inputs, and the caller's model is untouched."""
+    torch.manual_seed(0)
+    model = ConcatNet().eval() if name == "concat" else small_model(name)
+    make = (lambda n, seed: torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))) \
+        if name == "concat" else (lambda n, seed: inputs_for(model, n, seed=seed, rank=16))
+    data, held_out = make(512, 0), make(256, 1)
+    before = copy.deepcopy(model.state_dict())
+    errors, plans = {}, {}
+    for mode in ("independent", "sequential"):
+        pruned, plans[mode] = mipp.prune(model, data, method="random", budget=0.4, n_samples=512,
+                                         example_input=data[:2], reconstruct=mode, recalibrate=False)
+        errors[mode] = relative_mse(pruned, model, held_out)
+    assert plans["sequential"].kept == plans["independent"].kept
+    assert plans["sequential"].settings["reconstruct"] == "sequential"
+    assert errors["sequential"] < errors["independent"], errors
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sequential_reconstruction_replaces_exactly_redundant_units():
+    model, data = planted_network(0), planted_inputs(4000, seed=0)
+    pruned, plan = mipp.prune(model, data, example_input=data[:2], n_samples=4000, confidence=0.99,
+                              reconstruct="sequential")
+    assert TRUTH.recovery(plan.kept)["exact"] and plan.stats["readers_refitted"] == 1
+    held_out = planted_inputs(1000, seed=100)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(held_out), model(held_out), rtol=1e-5, atol=1e-4)
+
+
+def _statistics(x, y, prior):
+    stats = ReaderStatistics("r", torch.arange(x.shape[1]), torch.arange(y.shape[1]), True,
+                             torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64),
+                             torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64),
+                             torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(y.shape[1], dtype=torch.float64),
+                             prior=prior, output_square=torch.zeros(y.shape[1], dtype=torch.float64))
+    stats.add(x.double(), y.double())
+    return stats
+
+
+def test_validated_ridge_keeps_an_exact_fit_exact_and_shrinks_a_noisy_one():
+    """Generalised cross-validation: with a target that is an exact linear function of the inputs, the validated
+    solution is the plain one; with noise and barely more rows than inputs it shrinks towards the prior, and
+    predicts held-out rows better than the plain fit."""
+    generator = torch.Generator().manual_seed(0)
+    truth, prior = torch.randn(3, 40, generator=generator, dtype=torch.float64), torch.zeros(3, 40,
+                                                                                            dtype=torch.float64)
+    x = torch.randn(400, 40, generator=generator, dtype=torch.float64)
+    exact = _statistics(x, x @ truth.T + 0.5, prior)
+    weight, bias = exact.solve_validated()
+    torch.testing.assert_close(weight, truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias, torch.full((3,), 0.5, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+    x, held = x[:50], torch.randn(1000, 40, generator=generator, dtype=torch.float64)
+    noisy = _statistics(x, x @ (0.1 * truth.T) + 3 * torch.randn(50, 3, generator=generator, dtype=torch.float64),
+                        prior)
+
+    def held_out_error(solution):
+        weight, bias = solution
+        return float((held @ weight.T + bias - held @ (0.1 * truth.T)).square().mean())
+
+    assert held_out_error(noisy.solve_validated()) < 0.5 * held_out_error(noisy.solve())
+
+
+def test_a_bad_reconstruct_value_is_refused():
+    with pytest.raises(ValueError, match="reconstruct must be"):
+        mipp.prune(small_model("lenet5"), torch.randn(8, 1, 28, 28), method="random", budget=0.3,
+                   reconstruct="both")
 
 
 def test_depthwise_reader_is_skipped_with_a_warning():

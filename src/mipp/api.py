@@ -32,7 +32,7 @@ from mipp.methods import Budget, PruneContext, get_method
 from mipp.methods.gradients import model_device
 from mipp.plan import Plan
 from mipp.recalibrate import RECALIBRATION_BATCHES, recalibrate_batch_norm
-from mipp.reconstruct import reconstruction_statistics, refit_readers
+from mipp.reconstruct import reconstruction_mode, reconstruction_statistics, refit_readers, refit_sequentially
 from mipp.surgery import apply_plan
 from mipp.train import resolve_device
 from mipp.units import example_input_for, find_units
@@ -126,7 +126,7 @@ def select_plan(model: nn.Module, data, *, method: str = "mipp", budget=None, me
 
 def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: str = "units", min_units=1,
           n_samples: int = 2000, seed: int = 0, example_input=None, inplace: bool = False, device=None,
-          reconstruct: bool = True, recalibrate: bool = True, recalibration_batches: int = RECALIBRATION_BATCHES,
+          reconstruct: bool | str = True, recalibrate: bool = True, recalibration_batches: int = RECALIBRATION_BATCHES,
           verify: bool = True, **options) -> tuple[nn.Module, Plan]:
     """Prune `model` with `method` on calibration `data`; returns (smaller model, Plan).
 
@@ -134,7 +134,9 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
     budget 0.5 with metric "units" | "params" | "macs": remove that fraction of the whole network.
     options go to the method (MIPP: estimator="gaussian"|"ksg"|"proxy", confidence, pool, estimator_options).
     reconstruct: re-fit every reader of removed units by ridge least squares on `n_samples` calibration samples so
-    that it reproduces the original reader's output from the kept units. recalibrate: re-estimate batch-norm
+    that it reproduces the original reader's output from the kept units: True (the default mode), "independent"
+    (from the original network's inputs, one pass) or "sequential" (in forward order, from the pruned network's
+    own inputs, which also compensates what earlier layers leave; a pass per reader), or False. recalibrate: re-estimate batch-norm
     statistics on `recalibration_batches` batches of 128 calibration samples. Both are recorded in `plan.settings`,
     and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
     verify: check the surgery, before reconstruction and recalibration change the model, on the first
@@ -154,26 +156,32 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
     return target, plan
 
 
-def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, reconstruct: bool, recalibrate: bool,
-                       recalibration_batches: int, verify: bool = True) -> None:
+def _apply_with_repair(target: nn.Module, plan: Plan, ctx: PruneContext, data, reconstruct: bool | str,
+                       recalibrate: bool, recalibration_batches: int, verify: bool = True) -> None:
     """Surgery, with the readers' statistics gathered on the unpruned model before it and their re-fit and the
     batch-norm recalibration after it; records settings and what was done in the plan."""
+    mode = reconstruction_mode(reconstruct)
     started = time.perf_counter()
     statistics = (reconstruction_statistics(target, plan, data, units=ctx.units, n_samples=ctx.n_samples,
                                             seed=ctx.seed, device=ctx.device, moments=ctx.reader_moments)
-                  if reconstruct else {})
+                  if mode == "independent" else {})
+    original = copy.deepcopy(target) if mode == "sequential" else None  # what every re-fitted reader reproduces
     statistics_seconds = time.perf_counter() - started
     started = time.perf_counter()
     check_batch = next(iter(calibration_batches(data, VERIFY_SAMPLES, seed=ctx.seed))) if verify else None
     apply_plan(target, plan, check_batch, units=ctx.units, verify=verify)
     surgery_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    refitted = refit_readers(target, statistics)
+    if mode == "sequential":
+        refitted = refit_sequentially(original, target, plan, data, units=ctx.units, n_samples=ctx.n_samples,
+                                      seed=ctx.seed, device=ctx.device)
+    else:
+        refitted = refit_readers(target, statistics)
     reconstruction_seconds = statistics_seconds + time.perf_counter() - started
     started = time.perf_counter()
     batches = recalibrate_batch_norm(target, data, n_batches=recalibration_batches, seed=ctx.seed,
                                      device=ctx.device) if recalibrate else 0
-    plan.settings.update(reconstruct=reconstruct, recalibrate=recalibrate,
+    plan.settings.update(reconstruct=mode or False, recalibrate=recalibrate,
                          recalibration_batches=recalibration_batches, verify=verify)
     plan.stats.update(surgery_seconds=surgery_seconds, readers_refitted=len(refitted),
                       reconstruction_seconds=reconstruction_seconds, recalibration_batches_used=batches,

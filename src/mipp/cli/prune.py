@@ -5,6 +5,8 @@ import argparse
 import time
 from pathlib import Path
 
+from mipp.reconstruct import DEFAULT_MODE, RECONSTRUCT_MODES
+
 from mipp.cli.common import (add_command, add_data_arguments, add_threads_argument, check_model_fits_data, configure_threads,
                              data_call, flag_names, parse_key_values)
 
@@ -60,6 +62,10 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                         help="extra option of the method, e.g. rounds=5 for imp or p=2 for magnitude (repeatable)")
     parser.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
                         help="re-fit the readers of removed units to the original outputs (default on)")
+    parser.add_argument("--reconstruct-mode", choices=RECONSTRUCT_MODES, default=DEFAULT_MODE,
+                        help="'independent': every reader from the original network's inputs (one pass); "
+                             "'sequential': one reader after the other from the pruned network's own inputs, so that "
+                             f"errors of earlier layers are compensated (a pass per reader; default {DEFAULT_MODE})")
     parser.add_argument("--recalibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="re-estimate batch-norm statistics after pruning (default on)")
     parser.add_argument("--recalibration-batches", type=_positive, default=RECALIBRATION_BATCHES,
@@ -109,13 +115,14 @@ def prune_command(args: argparse.Namespace) -> dict:
         if args.positions is not None:
             method_options["positions"] = args.positions
     min_units = int(args.min_units) if args.min_units >= 1 else args.min_units
+    reconstruct = args.reconstruct and args.reconstruct_mode
     pruned, plan = prune(model, splits["train"], method=args.method, budget=args.budget, metric=args.metric,
-                         min_units=min_units, n_samples=args.samples, seed=args.seed, reconstruct=args.reconstruct,
+                         min_units=min_units, n_samples=args.samples, seed=args.seed, reconstruct=reconstruct,
                          recalibrate=args.recalibrate, recalibration_batches=args.recalibration_batches,
                          device=device, **method_options)
     before, after = evaluate(model, splits["test"], device=device), evaluate(pruned, splits["test"], device=device)
     result = {"method": args.method, "budget": args.budget, "metric": args.metric,
-              "reconstruct": args.reconstruct, "recalibrate": args.recalibrate,
+              "reconstruct": reconstruct, "recalibrate": args.recalibrate,
               "recalibration_batches": args.recalibration_batches,
               "accuracy_before": before["accuracy"], "accuracy_pruned": after["accuracy"],
               "params_before": count_params(model), "params_after": count_params(pruned),

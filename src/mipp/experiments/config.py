@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mipp.io import stable_hash
+from mipp.reconstruct import reconstruction_mode
 
 REGIMES = ("init", "trained")
 
@@ -45,7 +46,9 @@ class SweepConfig:
     min_units: float = 1  # collapse guard: units each group keeps (>= 1) or a fraction of its width (< 1)
     train_eval_n: int | None = 10000  # train accuracy on a fixed stratified subset of this size (None: all)
     latency: bool = True  # measure CPU latency at batch 1 and 64
-    reconstruct: bool = False  # re-fit the readers of removed units after surgery (mipp.reconstruct), every method
+    # re-fit the readers of removed units after surgery (mipp.reconstruct), every method: true (independent) or
+    # "sequential" (each reader from the pruned network's inputs)
+    reconstruct: bool | str = False
     recalibrate: bool = False  # re-estimate batch-norm statistics after surgery (mipp.recalibrate), every method
     data_root: str | None = None  # where data files are (not part of any run's identity)
     device: str = "auto"
@@ -58,6 +61,7 @@ class SweepConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown sweep config key(s) {unknown}; known keys: {known}")
+        reconstruction_mode(data.get("reconstruct", False))  # a clear error now, not in every run
         return cls(**data)
 
     @classmethod
@@ -119,12 +123,14 @@ def model_label(spec: dict) -> str:
 
 def repair_settings(config: SweepConfig) -> dict:
     """What is done to every pruned net after surgery, in a run's settings (absent when off)."""
-    return {key: True for key in ("reconstruct", "recalibrate") if getattr(config, key)}
+    return {key: getattr(config, key) for key in ("reconstruct", "recalibrate") if getattr(config, key)}
 
 
 def repair_label(settings: dict) -> str:
     """"+rec" / "+bn" on the model label: repaired runs are reported apart from plain removal."""
-    return ("+rec" if settings.get("reconstruct") else "") + ("+bn" if settings.get("recalibrate") else "")
+    reconstruct = settings.get("reconstruct")
+    return (("+seq" if reconstruct == "sequential" else "+rec" if reconstruct else "")
+            + ("+bn" if settings.get("recalibrate") else ""))
 
 
 def data_label(spec: dict) -> str:

@@ -35,7 +35,7 @@ from mipp.io import derived_seed, run_versions, stable_hash
 from mipp.plan import Plan
 from mipp.progress import Progress
 from mipp.recalibrate import recalibrate_batch_norm
-from mipp.reconstruct import reconstruction_statistics, refit_readers
+from mipp.reconstruct import reconstruction_mode, reconstruction_statistics, refit_readers, refit_sequentially
 from mipp.surgery import apply_plan
 from mipp.units import find_units
 
@@ -273,11 +273,15 @@ def pruned_copy(run: RunSpec, splits: Splits, base: torch.nn.Module, plan: Plan,
     where the sweep asks for it (recalibration stays), for the accuracy of the choice of units on its own."""
     model = copy.deepcopy(base)
     units = find_units(model, splits.example)
+    mode = reconstruction_mode(run.settings.get("reconstruct") if reconstruct is None else reconstruct)
     statistics = {}
-    if run.settings.get("reconstruct") if reconstruct is None else reconstruct:
+    if mode == "independent":
         statistics = reconstruction_statistics(model, plan, splits.train, units=units,
                                                n_samples=run.settings["n_samples"], seed=run.seed)
     apply_plan(model, plan, units=units)
+    if mode == "sequential":  # the base is the original each re-fitted reader reproduces (its names are the copy's)
+        refit_sequentially(base, model, plan, splits.train, units=units, n_samples=run.settings["n_samples"],
+                           seed=run.seed)
     refit_readers(model, statistics)
     if run.settings.get("recalibrate"):
         recalibrate_batch_norm(model, splits.train, seed=run.seed)

@@ -50,7 +50,7 @@ import torch
 
 from mipp.activations import (Activations, calibration_size, capture, constant_output_error,
                               warn_dead_layers)
-from mipp.methods.mipp_features import MeanFeatures, MixedFeatures, PositionFeatures
+from mipp.methods.mipp_features import MeanFeatures, MixedFeatures, PositionFeatures, normalised_output_weights
 from mipp.methods.mipp_features import target_of  # noqa: F401 (API)
 from mipp.methods.base import Budget, PruneContext, finish_plan
 from mipp.methods.registry import register
@@ -65,6 +65,7 @@ from mipp.progress import Progress
 
 ORDERS = ("mi", "greedy")
 FEATURES = ("mean", "patches")
+TARGET_SCALES = ("normalised", "raw")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class MIPPSettings:
     features: str = "auto"  # "patches": k x k patches at sampled positions; "mean": a channel's spatial mean;
     # "auto": with the Gaussian estimator (and no pool) patches where a group's readers allow, else mean (module doc)
     positions: int = POSITIONS_PER_IMAGE  # features="patches": output positions sampled per image
+    # features="patches", budget mode: a reader's output channel counts in the variance share by its variance after
+    # the batch norm that follows the reader ("normalised"), or by its raw variance ("raw")
+    target_scale: str = "normalised"
     max_bisection_steps: int = 30
     automatic: bool = field(default=False, init=False)  # features came from "auto" (it may fall back to "mean")
 
@@ -94,6 +98,8 @@ class MIPPSettings:
             raise ValueError("pool applies to features='mean' only; features='patches' samples positions instead")
         if self.positions < 1:
             raise ValueError(f"positions must be >= 1, got {self.positions}")
+        if self.target_scale not in TARGET_SCALES:
+            raise ValueError(f"target_scale must be one of {TARGET_SCALES}, got {self.target_scale!r}")
 
 
 @dataclass
@@ -349,7 +355,8 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
             settings = dataclasses.replace(settings, features="mean")
     if moments is not None:
         _check_moments(moments, output_range, settings)
-        features = PositionFeatures(ctx.units, moments)
+        weights = normalised_output_weights(ctx.model, ctx.units) if settings.target_scale == "normalised" else {}
+        features = PositionFeatures(ctx.units, moments, weights)
         ctx.reader_moments = moments  # the same sums are every re-fitted reader's normal equations
         n_samples = next(r.images for readers in moments.values() for r in readers)
     if moments is None or on_means:
@@ -368,6 +375,7 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
     record["order"] = settings.order
     if settings.features != "mean":  # recorded when not the spatial mean, so plans made with it stay as they were
         record["features"] = {"kind": settings.features, "positions_per_image": settings.positions,
+                              "target_scale": settings.target_scale,
                               "effective_samples": features.effective_samples()}
         if on_means:  # "auto": these groups were read by their spatial means, and why
             record["features"]["mean_groups"] = on_means

@@ -75,8 +75,11 @@ def target_of(group: UnitGroup, acts: Activations, kept: dict[str, list[int]], p
 class PositionFeatures:
     """Sessions on position-sampled reader moments (`mipp.positions.capture_reader_moments`)."""
 
-    def __init__(self, units: UnitGraph, moments: dict[str, list[ReaderMoments]]):
-        self.moments = moments
+    def __init__(self, units: UnitGraph, moments: dict[str, list[ReaderMoments]],
+                 output_weights: dict[str, torch.Tensor] | None = None):
+        """`output_weights`: reader -> (n_outputs,) worth of each output channel's variance in the variance share
+        (`normalised_output_weights`); readers not named count every channel by its own variance."""
+        self.moments, self.output_weights = moments, output_weights or {}
         self.producer_of = units.producer_group()
         self.output_units: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # reader -> its output group
         for group in units.groups:
@@ -115,8 +118,10 @@ class PositionFeatures:
             blocks = [(list(range(width)), ridge), (list(range(width, len(index))), estimator.target_ridge)]
             cov = regularise(cov, blocks, estimator.floor, estimator.ridge_scale)
             key = (reader.group, reader.reader)
+            weights = self.output_weights.get(reader.reader)
             session = GaussianLayerSession(cov, reader.n_units, reader.f, reader.effective_samples, confidence,
-                                           estimator.refresh_every, x_inverse=self._x_inverses.get(key))
+                                           estimator.refresh_every, x_inverse=self._x_inverses.get(key),
+                                           target_weights=None if weights is None else weights[outputs])
             if key not in self._x_inverses:  # the units' block is the same whatever outputs the target keeps
                 self._x_inverses[key] = session.initial_x_inverse()
             sessions.append(session)
@@ -125,6 +130,35 @@ class PositionFeatures:
     def effective_samples(self) -> dict[str, int]:
         """Per group, the smallest effective sample size of its readers (what the plan records)."""
         return {key: min(r.effective_samples for r in readers) for key, readers in self.moments.items() if readers}
+
+
+def normalised_output_weights(model: torch.nn.Module, units: UnitGraph) -> dict[str, torch.Tensor]:
+    """Reader -> gain^2 / (running variance + eps) per output channel, for every reader whose output goes straight
+    into a batch norm (and nowhere else). The norm divides each channel by its running standard deviation, so an
+    error of the reader's output matters downstream in proportion to the gain over that deviation, not to the
+    channel's raw variance: a channel of small raw variance that the norm scales up counts as much as any other. In
+    a trained network a channel's share of the normalised output's variance is close to gain^2 / sum of gains^2."""
+    graph = units.dependency_graph
+    if graph is None:
+        return {}
+    weights: dict[str, torch.Tensor] = {}
+    readers = {name for group in units.groups for name in group.readers}
+    for name in readers:
+        module = model.get_submodule(name)
+        node = graph.module2node.get(module)
+        if node is None or len(node.outputs) != 1:
+            continue
+        norm = node.outputs[0].module
+        if (not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) or norm.running_var is None
+                or norm.num_features != _output_width(module)):
+            continue
+        gain = norm.weight.detach().double() if norm.affine else torch.ones(norm.num_features, dtype=torch.float64)
+        weights[name] = gain.square().cpu() / (norm.running_var.detach().double().cpu() + norm.eps)
+    return weights
+
+
+def _output_width(module: torch.nn.Module) -> int | None:
+    return getattr(module, "out_channels", getattr(module, "out_features", None))
 
 
 class MixedFeatures:

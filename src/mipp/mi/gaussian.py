@@ -446,16 +446,20 @@ class GaussianLayerSession(LayerSession):
     """
 
     def __init__(self, cov, n_units: int, f: int, n_samples: int, confidence: float = 0.95, refresh_every: int = 0,
-                 x_inverse: torch.Tensor | None = None):
+                 x_inverse: torch.Tensor | None = None, target_weights: torch.Tensor | None = None):
         """`x_inverse`: the inverse of the units' block of the equilibrated `cov`, when a session on the same units
-        (another target) already computed it (`initial_x_inverse`); it saves the one large inversion."""
+        (another target) already computed it (`initial_x_inverse`); it saves the one large inversion.
+        `target_weights` (d_y,): what a unit of each target feature's variance is worth in `variance_share_lost`
+        (1 each when None), e.g. a following batch norm's gain squared over its running variance, so that the share
+        is of the normalised output's variance. Transfer entropies do not depend on it."""
         self._x_inverse = x_inverse
         self.cov = equilibrate(cov)  # the regularised covariance as a correlation matrix (same MI, better numerics)
         self.n_units, self.f, self.n_samples = int(n_units), int(f), int(n_samples)
         self.d_y = cov.shape[0] - self.n_units * self.f
         # the target's own (regularised) variances: they turn correlation-scale residuals back into its scale
         self.target_variance = torch.diagonal(cov)[self.n_units * self.f:].clone()
-        self._target_sd, self._target_total = self.target_variance.sqrt(), float(self.target_variance.sum())
+        worth = self.target_variance if target_weights is None else self.target_variance * target_weights.to(DTYPE)
+        self._target_sd, self._target_total = worth.sqrt(), float(worth.sum())
         self.confidence = check_confidence(confidence)
         self.refresh_every = int(refresh_every)
         self.kept = list(range(self.n_units))
@@ -561,8 +565,9 @@ class GaussianLayerSession(LayerSession):
         """Share of Cov(Y)'s trace that the kept units could no longer explain without unit i (see LayerSession).
 
         Removing block I raises the residual covariance by B_I P_II^{-1} B_I^T (the Schur complement that `remove`
-        applies), so the share is trace(D B_I P_II^{-1} B_I^T D) / trace(D^2) with D^2 = diag(target_variance):
-        the correlation-scale residual weighted back by each target feature's own variance. The units' scales
+        applies), so the share is trace(D B_I P_II^{-1} B_I^T D) / trace(D^2) with D^2 = diag(target_variance)
+        (times the target weights): the correlation-scale residual weighted back by each target feature's own
+        variance. The units' scales
         cancel; the ridges enter only as their tiny relative amounts (the target ridge inflates the denominator by
         a factor 1 + target_ridge).
         """
