@@ -10,7 +10,10 @@ once, so a sweep only slices covariances; a reader with no more sampled position
 estimator's shrinkage of the units' correlations (`rank_deficient_ridge`), as a session on activations does. A
 group read at several points (a residual stream) gets one Gaussian session per reader, joined by `JointSession`: a
 unit's transfer entropy is the sum over readers, it is significant when it is for some reader (Bonferroni over
-readers), its variance share lost is the mean of the readers' shares, and a removal is applied to every reader.
+readers), its variance share lost is the sum of the readers' shares (each reader's output loses its share; the
+mean, the rule before, priced a stream read at four points like a channel read at one), and a removal is applied
+to every reader. A reader whose output goes straight into a batch norm counts each output channel by its variance
+after that norm (`normalised_output_weights`), since the norm scales a channel's error by gain / deviation.
 The test uses each reader's effective sample size (intra-image correlation, see `mipp.positions`).
 
 `MeanFeatures` opens a Gaussian session on many features (a residual stream read at many points, or a wide
@@ -76,10 +79,11 @@ class PositionFeatures:
     """Sessions on position-sampled reader moments (`mipp.positions.capture_reader_moments`)."""
 
     def __init__(self, units: UnitGraph, moments: dict[str, list[ReaderMoments]],
-                 output_weights: dict[str, torch.Tensor] | None = None):
+                 output_weights: dict[str, torch.Tensor] | None = None, readers_share: str = "sum"):
         """`output_weights`: reader -> (n_outputs,) worth of each output channel's variance in the variance share
-        (`normalised_output_weights`); readers not named count every channel by its own variance."""
-        self.moments, self.output_weights = moments, output_weights or {}
+        (`normalised_output_weights`); readers not named count every channel by its own variance.
+        `readers_share`: what a group read at several points loses, the "mean" or the "sum" of its readers' shares."""
+        self.moments, self.output_weights, self.readers_share = moments, output_weights or {}, readers_share
         self.producer_of = units.producer_group()
         self.output_units: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # reader -> its output group
         for group in units.groups:
@@ -125,7 +129,9 @@ class PositionFeatures:
             if key not in self._x_inverses:  # the units' block is the same whatever outputs the target keeps
                 self._x_inverses[key] = session.initial_x_inverse()
             sessions.append(session)
-        return sessions[0] if len(sessions) == 1 else JointSession(sessions, confidence)
+        if len(sessions) == 1:
+            return sessions[0]
+        return JointSession(sessions, confidence, summed=self.readers_share == "sum")
 
     def effective_samples(self) -> dict[str, int]:
         """Per group, the smallest effective sample size of its readers (what the plan records)."""
@@ -185,8 +191,8 @@ class MixedFeatures:
 class JointSession(LayerSession):
     """One group read at several points: a Gaussian session per reader, removals applied to all (see module doc)."""
 
-    def __init__(self, sessions: list[LayerSession], confidence: float):
-        self.sessions, self.confidence = sessions, confidence
+    def __init__(self, sessions: list[LayerSession], confidence: float, summed: bool = False):
+        self.sessions, self.confidence, self.summed = sessions, confidence, summed
         self.n_units = sessions[0].n_units
         self.kept = sessions[0].kept  # every session removes the same units; the first one's list is the truth
 
@@ -202,7 +208,8 @@ class JointSession(LayerSession):
         return sum(s.transfer_entropies() for s in self.sessions)
 
     def variance_share_lost(self, i: int) -> float:
-        return sum(s.variance_share_lost(i) for s in self.sessions) / len(self.sessions)
+        lost = sum(s.variance_share_lost(i) for s in self.sessions)
+        return lost if self.summed else lost / len(self.sessions)
 
     def remove(self, i: int) -> None:
         for session in self.sessions:
