@@ -135,10 +135,10 @@ def prune(model: nn.Module, data, *, method: str = "mipp", budget=None, metric: 
     options go to the method (MIPP: estimator="gaussian"|"ksg"|"proxy", confidence, pool, estimator_options).
     reconstruct: re-fit every reader of removed units by ridge least squares on `n_samples` calibration samples so
     that it reproduces the original reader's output from the kept units: True (the default mode), "independent"
-    (from the original network's inputs, one pass) or "sequential" (in forward order, from the pruned network's
-    own inputs, which also compensates what earlier layers leave; a pass per reader), or False. recalibrate: re-estimate batch-norm
-    statistics on `recalibration_batches` batches of 128 calibration samples. Both are recorded in `plan.settings`,
-    and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
+    (from the original network's inputs, one pass) or "sequential" (in forward order, from the pruned network's own
+    inputs, which also compensates what earlier layers leave; a pass per reader), or False. recalibrate: re-estimate
+    batch-norm statistics on `recalibration_batches` batches of 128 calibration samples. Both are recorded in
+    `plan.settings`, and what they did (readers re-fitted, batches used, seconds) in `plan.stats`.
     verify: check the surgery, before reconstruction and recalibration change the model, on the first
     `VERIFY_SAMPLES` calibration samples: the physically pruned model must compute what the original computes with
     the removed units zeroed (one forward pass through each); raises `mipp.SurgeryError` otherwise.

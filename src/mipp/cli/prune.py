@@ -5,10 +5,9 @@ import argparse
 import time
 from pathlib import Path
 
-from mipp.reconstruct import DEFAULT_MODE, RECONSTRUCT_MODES
-
 from mipp.cli.common import (add_command, add_data_arguments, add_threads_argument, check_model_fits_data, configure_threads,
                              data_call, flag_names, parse_key_values)
+from mipp.reconstruct import DEFAULT_MODE, RECONSTRUCT_MODES
 
 PRUNE_FLAGS = flag_names("n_samples", "min_units", "budget", "metric", "confidence", "estimator", "pool", "features",
                          "positions", "limit",

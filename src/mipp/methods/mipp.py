@@ -22,22 +22,22 @@ with the kept units that lose the least variance share per cost (`_top_up`).
 Features (`MIPPSettings.features`): "patches" takes every sampled (image, output position) as a sample, a unit's
 k x k input patch as its features and the reader's own output there as target (`mipp.positions`,
 `mipp.methods.mipp_features`), the relation a convolution actually computes. Its test counts an effective sample
-size for the correlated positions of one image, and its moments are also the normal equations of the
-reconstruction, which then needs no second pass. With patches a reader followed by a batch norm counts its output
-channels by their variance after the norm (`target_scale`), and a group read at several points (a residual stream)
-loses the sum of its readers' shares (`readers_share`): on ResNet-18 w0.25 the mean (the rule before) priced the
-last stream's channels so low that 24 of 128 were kept at 70% of MACs. "mean", the paper's reading, summarises a conv channel by its
-spatial mean at the next layer's input and takes the next layer's kept activations as target: several times
-cheaper to select, but it averages the convolution's relation away. "auto", the default, is "mean" with KSG and
-the loss proxy (they work on samples, not moments) or with `pool`; with the Gaussian estimator it decides per
-group (`mipp.positions.automatic_groups`): patches where every reader is a Linear or Conv layer with at most
+size for the correlated positions of one image, and its moments are also the normal equations of the reconstruction,
+which then needs no second pass. With patches a reader followed by a batch norm counts its output channels by their
+variance after the norm (`target_scale`), and a group read at several points (a residual stream) loses the sum of
+its readers' shares (`readers_share`): on ResNet-18 w0.25 the mean (the rule before) priced the last stream's
+channels so low that 24 of 128 were kept at 70% of MACs. "mean", the paper's reading, summarises a conv channel by
+its spatial mean at the next layer's input and takes the next layer's kept activations as target: several times
+cheaper to select, but it averages the convolution's relation away. "auto", the default, is "mean" with KSG and the
+loss proxy (they work on samples, not moments) or with `pool`; with the Gaussian estimator it decides per group
+(`mipp.positions.automatic_groups`): patches where every reader is a Linear or Conv layer with at most
 AUTO_MAX_FEATURES features and at least as many sampled rows, the spatial mean for the other groups in the same
-sweep (`MixedFeatures`: both measure a removal as a share of their target's variance, so one price ranks them),
-and "mean" everywhere, with a warning, where the chosen groups' moments would not fit in memory. Patches are the
-default because they measured better at equal MACs on every model of the experiment stores (LeNet-5, VGG-11 and
-ResNet-18 at width 0.25, 3 seeds, 50/70/90% of MACs: never behind a baseline by the paired interval, where the
-spatial mean was behind Torch-Pruning's Hessian and L2 on ResNet-18 by 10-12 points at 70%). Both check the
-calibration data alike (`_check_samples`, `_check_moments`).
+sweep (`MixedFeatures`: both measure a removal as a share of their target's variance, so one price ranks them), and
+"mean" everywhere, with a warning, where the chosen groups' moments would not fit in memory. Patches are the default
+because they measured better at equal MACs on every model of the experiment stores (LeNet-5, VGG-11 and ResNet-18 at
+width 0.25, 3 seeds, 50/70/90% of MACs: never behind a baseline by the paired interval, where the spatial mean was
+behind Torch-Pruning's Hessian and L2 on ResNet-18 by 10-12 points at 70%). Both check the calibration data alike
+(`_check_samples`, `_check_moments`).
 """
 from __future__ import annotations
 
