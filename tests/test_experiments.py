@@ -505,6 +505,17 @@ def test_repaired_sweep_reconstructs_every_method_apart_from_plain_runs(full_swe
     assert "norec" in statistics.stage_names(records)
 
 
+def test_sequential_reconstruction_is_a_sweep_setting_of_its_own():
+    """"reconstruct": "sequential" labels the model "+seq" and gives runs ids apart from the independent re-fit's
+    (so both can sit in one store); a value that is no mode is refused when the config loads."""
+    independent = expand(SweepConfig(**{**TINY, "reconstruct": True, "recalibrate": True}))
+    sequential = expand(SweepConfig(**{**TINY, "reconstruct": "sequential", "recalibrate": True}))
+    assert all(r.labels["model"] == "mlp+seq+bn" for r in sequential)
+    assert not {r.run_id for r in sequential} & {r.run_id for r in independent}
+    with pytest.raises(ValueError, match="reconstruct must be"):
+        SweepConfig.from_dict({**TINY, "reconstruct": "both"})
+
+
 def test_one_model_label_from_two_stores_is_reported_apart():
     """Each store trains its own base models: runs of one model label from two stores are never pooled as seeds."""
     import dataclasses
