@@ -212,6 +212,17 @@ def affected_readers(model: nn.Module, plan: Plan, units: UnitGraph) -> tuple[di
     return readers, sorted(set(grouped))
 
 
+def _readers_to_refit(model: nn.Module, plan: Plan, units: UnitGraph) -> dict[str, tuple]:
+    """`affected_readers` of a plan that matches the trace, with a warning naming the grouped convolutions left as
+    they are."""
+    check_plan_matches(plan, units)
+    readers, grouped = affected_readers(model, plan, units)
+    for name in grouped:
+        warnings.warn(f"reconstruction skips {name!r}: it is a grouped or depthwise convolution, whose outputs each "
+                      "read only their own group of inputs; its kept weights stay as they are", stacklevel=3)
+    return readers
+
+
 def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: UnitGraph | None = None,
                               example_input: torch.Tensor | None = None, n_samples: int = 2000,
                               batch_size: int = 256, seed: int = 0, positions_per_image: int = POSITIONS_PER_IMAGE,
@@ -225,11 +236,7 @@ def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: Unit
     model and data (MIPP with features="patches"); a reader whose kept inputs they all cover takes its sums from
     them, and the pass runs only for the others (none: no pass)."""
     units = units or find_units(model, plan_input(model, plan, example_input))
-    check_plan_matches(plan, units)
-    readers, grouped = affected_readers(model, plan, units)
-    for name in grouped:
-        warnings.warn(f"reconstruction skips {name!r}: it is a grouped or depthwise convolution, whose outputs each "
-                      "read only their own group of inputs; its kept weights stay as they are", stacklevel=2)
+    readers = _readers_to_refit(model, plan, units)
     device = torch.device(device or next(model.parameters()).device)
     statistics = {name: _empty_statistics(name, model.get_submodule(name), kept_in, kept_out, device)
                   for name, (kept_in, kept_out) in readers.items()}
@@ -364,11 +371,7 @@ def refit_sequentially(original: nn.Module, pruned: nn.Module, plan: Plan, data,
     is left as it is; `pruned` is `original` after `apply_plan`. Returns the names of the re-fitted readers."""
     if distributed.active():
         raise ValueError("sequential reconstruction runs in one process; under torchrun use reconstruct=True")
-    check_plan_matches(plan, units)
-    readers, grouped = affected_readers(original, plan, units)
-    for name in grouped:
-        warnings.warn(f"reconstruction skips {name!r}: it is a grouped or depthwise convolution, whose outputs each "
-                      "read only their own group of inputs; its kept weights stay as they are", stacklevel=2)
+    readers = _readers_to_refit(original, plan, units)
     device = torch.device(device or next(pruned.parameters()).device)
     modes = original.training, pruned.training
     original.eval(), pruned.eval()
