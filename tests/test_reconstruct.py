@@ -211,6 +211,37 @@ def test_validated_ridge_keeps_an_exact_fit_exact_and_shrinks_a_noisy_one():
     assert held_out_error(noisy.solve_validated()) < 0.5 * held_out_error(noisy.solve())
 
 
+class TokenNet(nn.Module):
+    """Linear layers over a token dimension (as in a transformer's MLP); hidden unit 5 is a copy of unit 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.up.weight[5], self.up.bias[5] = self.up.weight[0], self.up.bias[0]
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_linear_readers_over_tokens_replace_a_copied_unit_exactly(mode):
+    """A Linear reading (batch, tokens, features): its output channels are the last dimension, not the second."""
+    torch.manual_seed(0)
+    model, data = TokenNet().eval(), torch.randn(256, 5, 8)
+    plan = manual_plan({"up": [5]}, {"up": 6})
+    pruned = copy.deepcopy(model)
+    units = mipp.find_units(pruned, data[:2])
+    original = copy.deepcopy(pruned)
+    statistics = mipp.reconstruction_statistics(pruned, plan, data, units=units, n_samples=256)
+    mipp.apply_plan(pruned, plan, units=units)
+    if mode == "sequential":
+        mipp.refit_sequentially(original, pruned, plan, data, units=units, n_samples=256)
+    else:
+        mipp.refit_readers(pruned, statistics)
+    assert max_error(pruned, model, torch.randn(64, 5, 8)) < 1e-4
+
+
 def test_a_bad_reconstruct_value_is_refused():
     with pytest.raises(ValueError, match="reconstruct must be"):
         mipp.prune(small_model("lenet5"), torch.randn(8, 1, 28, 28), method="random", budget=0.3,

@@ -112,20 +112,24 @@ class ReaderStatistics:
         rest stay as they were and the pull is the estimator's shrinkage of a rank-deficient covariance, d / n
         (`rank_deficient_ridge`). Towards zero, a LeNet-5 classifier re-fitted on 300 rows for 375 features got
         weights of 30 and its fine-tuning diverged."""
-        if self.rows == 0:
-            raise ValueError(f"reader {self.name!r} never ran on the calibration data: check that the data reaches it")
-        gram, cross = self.gram / self.rows, self.cross / self.rows
-        if self.fit_bias:
-            mean_x, mean_y = self.input_sum / self.rows, self.output_sum / self.rows
-            gram = gram - torch.outer(mean_x, mean_x)
-            cross = cross - torch.outer(mean_x, mean_y)
+        gram, cross, mean_x, mean_y = self._centred()
         pull = rank_deficient_ridge(self.rows, gram.shape[0], ridge) * (float(gram.diagonal().mean()) or 1.0)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        prior = self.prior if self.prior is not None else torch.zeros_like(cross.T)
-        weight = torch.linalg.solve(gram + pull * eye, cross + pull * prior.to(cross.device).T).T
-        bias = mean_y - weight @ mean_x if self.fit_bias else None
-        return weight, bias
+        weight = torch.linalg.solve(gram + pull * eye, cross + pull * self._prior(cross).T).T
+        return weight, (mean_y - weight @ mean_x if self.fit_bias else None)
 
+    def _centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gram, cross, mean_x, mean_y) per row, centred when the bias is fitted (zero means otherwise)."""
+        if self.rows == 0:
+            raise ValueError(f"reader {self.name!r} never ran on the calibration data: check that the data reaches it")
+        n = self.rows
+        mean_x = self.input_sum / n if self.fit_bias else torch.zeros_like(self.input_sum)
+        mean_y = self.output_sum / n if self.fit_bias else torch.zeros_like(self.output_sum)
+        return (self.gram / n - torch.outer(mean_x, mean_x), self.cross / n - torch.outer(mean_x, mean_y),
+                mean_x, mean_y)
+
+    def _prior(self, cross: torch.Tensor) -> torch.Tensor:
+        return self.prior.to(cross.device) if self.prior is not None else torch.zeros_like(cross.T)
 
     def solve_validated(self, ridges: tuple[float, ...] = VALIDATED_RIDGES) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`solve` with the ridge (relative to the features' mean variance, pulling towards `prior`) that minimises
@@ -133,16 +137,11 @@ class ReaderStatistics:
         (1 - effective parameters / rows)^2, summed over outputs, all from the sufficient statistics and one
         eigendecomposition. Where the target is an exact function of the inputs the smallest ridge wins (the fit
         stays exact); where it is not, the ridge grows as the rows get fewer per input. Needs `output_square`."""
-        if self.rows == 0 or self.output_square is None:
-            raise ValueError(f"reader {self.name!r}: no rows, or statistics gathered without output_square")
-        n = self.rows
-        gram, cross, square = self.gram / n, self.cross / n, self.output_square / n
-        mean_x = self.input_sum / n if self.fit_bias else torch.zeros_like(self.input_sum)
-        mean_y = self.output_sum / n if self.fit_bias else torch.zeros_like(self.output_sum)
-        gram = gram - torch.outer(mean_x, mean_x)
-        cross = cross - torch.outer(mean_x, mean_y)
-        square = square - mean_y.square()
-        prior = self.prior.to(gram.device) if self.prior is not None else torch.zeros_like(cross.T)
+        if self.output_square is None:
+            raise ValueError(f"reader {self.name!r}: statistics gathered without output_square")
+        gram, cross, mean_x, mean_y = self._centred()
+        n, prior = self.rows, self._prior(cross)
+        square = self.output_square / n - mean_y.square()
         # the residual target y - prior x: its cross-products and per-output second moment
         cross_d = cross - gram @ prior.T
         square_d = square - 2 * (prior * cross.T).sum(1) + ((prior @ gram) * prior).sum(1)
@@ -160,10 +159,8 @@ class ReaderStatistics:
             if best is None or score < best[0]:
                 best = (score, lam)
         lam = best[1]
-        delta = vectors @ (projected / (values + lam)[:, None])  # (k, out)
-        weight = prior + delta.T
-        bias = mean_y - weight @ mean_x if self.fit_bias else None
-        return weight, bias
+        weight = prior + (vectors @ (projected / (values + lam)[:, None])).T
+        return weight, (mean_y - weight @ mean_x if self.fit_bias else None)
 
 
 def _symmetric_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,15 +321,22 @@ def _empty_statistics(name, module, kept_in, kept_out, device) -> ReaderStatisti
                             zeros(out), prior=weight.reshape(out, k).to(device=device, dtype=torch.float64))
 
 
+def _rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor, kept_outputs: torch.Tensor,
+          generator: torch.Generator, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's least-squares rows of one reader: its `inputs` columns (a Linear's features, over any leading
+    dimensions such as tokens; a conv's input patches at sampled positions) and its `kept_outputs` channels of `y`
+    (the last dimension of a Linear's output, the second of a conv's)."""
+    if isinstance(module, nn.Linear):
+        features, targets = x.reshape(-1, x.shape[-1])[:, inputs.to(x.device)], y.reshape(-1, y.shape[-1])
+    else:
+        features, targets = sample_patches(module, x, y, inputs, generator, positions)
+    return features, targets[:, kept_outputs.to(y.device)]
+
+
 def _accumulate(stats: ReaderStatistics, generator: torch.Generator, positions: int):
     def hook(module, inputs, output):
-        x, y = inputs[0].detach(), output.detach()
-        if isinstance(module, nn.Linear):
-            features, targets = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-            features = features[:, stats.kept_inputs.to(x.device)]
-        else:
-            features, targets = sample_patches(module, x, y, stats.kept_inputs, generator, positions)
-        stats.add(features, targets[:, stats.kept_outputs.to(y.device)])
+        stats.add(*_rows(module, inputs[0].detach(), output.detach(), stats.kept_inputs, stats.kept_outputs,
+                         generator, positions))
     return hook  # returns None: the output is left alone
 
 
@@ -386,14 +390,9 @@ def refit_sequentially(original: nn.Module, pruned: nn.Module, plan: Plan, data,
             with torch.no_grad():
                 for batch in calibration_batches(data, n_samples, batch_size, seed):
                     batch = batch.to(device)
-                    target = _run_to(original, name, batch)[1][:, kept_out.to(device)]
+                    target = _run_to(original, name, batch)[1]
                     x = _run_to(pruned, name, batch)[0]
-                    if isinstance(module, nn.Linear):
-                        features, targets = x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1])
-                    else:
-                        features, targets = sample_patches(module, x, target, every_input, generator,
-                                                           positions_per_image)
-                    stats.add(features, targets)
+                    stats.add(*_rows(module, x, target, every_input, kept_out, generator, positions_per_image))
                 weight, bias = stats.solve_validated()
                 module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
                 if bias is not None:
