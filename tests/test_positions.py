@@ -280,6 +280,37 @@ def test_automatic_features_read_a_group_by_its_spatial_mean_where_its_readers_a
     assert calibration_size(data, 2000) == 512 and calibration_size((data, None), 100) == 100
 
 
+def test_automatic_features_take_moments_and_spatial_means_in_one_pass(monkeypatch):
+    """With groups of both kinds, features="auto" collects the position moments and the spatial means in one pass
+    over the calibration data, and its plan is the one that separate passes (the means captured beforehand) give."""
+    import mipp.activations as activations
+    import mipp.methods.mipp as mipp_method
+    from mipp.activations import capture
+    from mipp.methods import Budget, get_method
+
+    model = small_model("lenet5")
+    data = inputs_for(model, 512)
+    passes = []
+    counted = activations.calibration_pass
+
+    def counting(*args, **kwargs):
+        passes.append(args[3])
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(mipp_method, "calibration_pass", counting)
+    monkeypatch.setattr(activations, "calibration_pass", counting)
+    ctx = make_context(model, data, n_samples=256)  # 256 images: classifier.0's group goes on its spatial mean
+    one_pass = get_method("mipp").select(ctx, Budget(0.5, "units"))
+    assert "mean_groups" in one_pass.settings["features"]
+    assert passes == ["capture (positions and means)"]
+    ctx = make_context(model, data, n_samples=256)
+    means = capture(ctx.model, ctx.units, ctx.data, n_samples=256)
+    separate = mipp_method.select(ctx, Budget(0.5, "units"), acts=means)
+    assert passes[1:] == ["capture", "capture (positions)"]
+    assert separate.kept == one_pass.kept
+    assert separate.decisions == one_pass.decisions  # every unit's test, score and p-value alike
+
+
 def test_position_features_check_the_calibration_data_as_spatial_means_do():
     """Too few images for the estimator: an error; a reader with fewer effective samples than features: a warning
     with the numbers (the moments' own form of `_check_samples`)."""

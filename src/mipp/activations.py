@@ -283,24 +283,36 @@ def capture(model: nn.Module, units: UnitGraph, data, *, n_samples: int = 2000, 
     """Run the calibration data through `model` (eval mode) and collect every unit's activations at the reading
     points that `units` recorded when the model was traced."""
     device = torch.device(device or next(model.parameters()).device)
+    handles, finish = capture_hooks(model, units, pool)
+    n_batches = calibration_pass(model, data, handles, "capture", units.example_shape, n_samples=n_samples,
+                                 batch_size=batch_size, seed=seed, device=device, shard=True)
+    return finish(n_batches)
+
+
+def capture_hooks(model: nn.Module, units: UnitGraph, pool: int | None = None):
+    """What `capture` does, split so that another collector can share its pass over the data: (the hooks to pass
+    to `calibration_pass`, `finish(n_batches)` that builds and checks the Activations after it)."""
     points = units.reading_points
     collected: dict[str, list[torch.Tensor]] = {}
     outputs: dict[str, list[torch.Tensor]] = {}
     handles = _register(model, units, points, pool, collected, outputs)
-    n_batches = calibration_pass(model, data, handles, "capture", units.example_shape, n_samples=n_samples,
-                                 batch_size=batch_size, seed=seed, device=device, shard=True)
-    if n_batches == 0:
-        raise ValueError("the calibration data is empty: pass at least a few hundred samples")
-    per_batch = {key: [torch.cat(parts, 2) for parts in _by_batch(v, len(points[key]))] for key, v in collected.items()}
-    if distributed.active():
-        per_batch, outputs = _gather_batches(per_batch, outputs, n_batches)
-    acts = Activations(
-        {key: torch.cat(v, 0) for key, v in per_batch.items()},
-        {name: torch.cat(v, 0) for name, v in outputs.items()},
-    )
-    _check_finite(acts)
-    _check_variation(acts)
-    return acts
+
+    def finish(n_batches: int) -> Activations:
+        if n_batches == 0:
+            raise ValueError("the calibration data is empty: pass at least a few hundred samples")
+        per_batch = {key: [torch.cat(parts, 2) for parts in _by_batch(v, len(points[key]))]
+                     for key, v in collected.items()}
+        gathered = outputs
+        if distributed.active():
+            per_batch, gathered = _gather_batches(per_batch, outputs, n_batches)
+        acts = Activations(
+            {key: torch.cat(v, 0) for key, v in per_batch.items()},
+            {name: torch.cat(v, 0) for name, v in gathered.items()},
+        )
+        _check_finite(acts)
+        _check_variation(acts)
+        return acts
+    return handles, finish
 
 
 def _gather_batches(units: dict[str, list], outputs: dict[str, list], n_batches: int) -> tuple[dict, dict]:

@@ -209,6 +209,21 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
     """Per group (of `groups`, default every one), the moments of each distinct reader (one per reading point) on
     the calibration data; given an `OutputRange`, the range of the model's output is recorded in the same pass."""
     device = torch.device(device or next(model.parameters()).device)
+    handles, on_skip, finish = reader_moment_hooks(model, units, data, positions_per_image=positions_per_image,
+                                                   seed=seed, device=device, output_range=output_range,
+                                                   groups=groups)
+    calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
+                     batch_size=batch_size, seed=seed, device=device, shard=True, on_skip=on_skip)
+    return finish()
+
+
+def reader_moment_hooks(model: nn.Module, units: UnitGraph, data, *, positions_per_image: int = POSITIONS_PER_IMAGE,
+                        seed: int = 0, device: torch.device, output_range: OutputRange | None = None,
+                        groups: set[str] | None = None):
+    """What `capture_reader_moments` does, split so that another collector can share its pass over the data:
+    (the hooks, the `on_skip` a sharded `calibration_pass` needs, `finish()` returning the moments after the pass).
+    Refuses an unsupported reader or moments beyond the memory before registering anything; under torchrun it runs
+    one forward pass of its own first (`skipped_draws`), so call it before registering other hooks."""
     generator = torch.Generator().manual_seed(seed)
     on_skip = None
     if distributed.active():  # another rank's batch: draw its positions anyway, so that the next batch draws as
@@ -236,21 +251,22 @@ def capture_reader_moments(model: nn.Module, units: UnitGraph, data, *, n_sample
         _accumulate(s, s.columns, generator, positions_per_image)) for s in every]
     if output_range is not None:
         handles.append(model.register_forward_hook(output_range.hook))
-    calibration_pass(model, data, handles, "capture (positions)", units.example_shape, n_samples=n_samples,
-                     batch_size=batch_size, seed=seed, device=device, shard=True, on_skip=on_skip)
-    if distributed.active():
-        _combine_ranks([s for readers in collected.values() for s in readers])
-        if output_range is not None:
-            output_range.combine_ranks()
-    for stats in (s for readers in collected.values() for s in readers):
-        if stats.images == 0:
-            raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
-                             "reaches it")
-        if not bool(torch.isfinite(stats.moments.scatter).all()):
-            raise ValueError(f"the inputs of reader {stats.reader!r} (group {stats.group!r}) are not finite on the "
-                             "calibration data: check the data and the model's weights for NaN or inf")
-        stats.derive_outputs()
-    return collected
+
+    def finish() -> dict[str, list[ReaderMoments]]:
+        if distributed.active():
+            _combine_ranks(every)
+            if output_range is not None:
+                output_range.combine_ranks()
+        for stats in every:
+            if stats.images == 0:
+                raise ValueError(f"reader {stats.reader!r} never ran on the calibration data: check that the data "
+                                 "reaches it")
+            if not bool(torch.isfinite(stats.moments.scatter).all()):
+                raise ValueError(f"the inputs of reader {stats.reader!r} (group {stats.group!r}) are not finite on "
+                                 "the calibration data: check the data and the model's weights for NaN or inf")
+            stats.derive_outputs()
+        return collected
+    return handles, on_skip, finish
 
 
 # features="auto": a group gets position features only where each of its readers has at most this many features

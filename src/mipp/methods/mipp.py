@@ -51,8 +51,8 @@ from typing import Iterator
 
 import torch
 
-from mipp.activations import (Activations, calibration_size, capture, constant_output_error,
-                              warn_dead_layers)
+from mipp.activations import (Activations, calibration_pass, calibration_size, capture, capture_hooks,
+                              constant_output_error, warn_dead_layers)
 from mipp.methods.mipp_features import MeanFeatures, MixedFeatures, PositionFeatures, normalised_output_weights
 from mipp.methods.mipp_features import target_of  # noqa: F401 (API)
 from mipp.methods.base import Budget, PruneContext, finish_plan
@@ -62,7 +62,7 @@ from mipp.mi.base import LayerSession, TestResult
 from mipp.mi.cost import announce_cost
 from mipp.plan import Plan, UnitDecision
 from mipp.positions import (POSITIONS_PER_IMAGE, OutputRange, UnsupportedReader, automatic_groups,
-                            capture_reader_moments)
+                            reader_moment_hooks)
 from mipp.progress import Progress
 
 
@@ -353,9 +353,9 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
         output_range = OutputRange()
         try:
             if chosen is None or chosen:
-                moments = capture_reader_moments(ctx.model, ctx.units, ctx.data, n_samples=ctx.n_samples,
-                                                 positions_per_image=settings.positions, seed=ctx.seed,
-                                                 device=ctx.device, output_range=output_range, groups=chosen)
+                moments, means = _capture_positions(ctx, settings, output_range, chosen,
+                                                    with_means=bool(on_means) and acts is None)
+                acts = acts if means is None else means
         except (MemoryError, UnsupportedReader) as err:
             if not settings.automatic:
                 raise
@@ -389,6 +389,25 @@ def prepare(ctx: PruneContext, settings: MIPPSettings, budget: Budget | None = N
         if on_means:  # "auto": these groups were read by their spatial means, and why
             record["features"]["mean_groups"] = on_means
     return features, estimator, record
+
+
+def _capture_positions(ctx: PruneContext, settings: MIPPSettings, output_range: OutputRange,
+                       groups: set[str] | None, with_means: bool) -> tuple[dict, Activations | None]:
+    """The position moments of `groups` and, `with_means` (features="auto" with groups on spatial means), the spatial
+    means too, in one pass over the calibration data: the same batches feed both collectors, so the result is what
+    two passes give, for one forward pass less. Raises (MemoryError, UnsupportedReader) before any pass."""
+    device = torch.device(ctx.device or next(ctx.model.parameters()).device)
+    handles, on_skip, finish = reader_moment_hooks(ctx.model, ctx.units, ctx.data,
+                                                   positions_per_image=settings.positions, seed=ctx.seed,
+                                                   device=device, output_range=output_range, groups=groups)
+    finish_means = None
+    if with_means:  # registered after the moments' hooks: under torchrun those run a forward pass of their own
+        mean_handles, finish_means = capture_hooks(ctx.model, ctx.units, settings.pool)
+        handles = handles + mean_handles
+    n_batches = calibration_pass(ctx.model, ctx.data, handles, "capture (positions and means)" if with_means
+                                 else "capture (positions)", ctx.units.example_shape, n_samples=ctx.n_samples,
+                                 seed=ctx.seed, device=device, shard=True, on_skip=on_skip)
+    return finish(), (finish_means(n_batches) if finish_means is not None else None)
 
 
 def select(ctx: PruneContext, budget: Budget | None = None, settings: MIPPSettings | None = None,
