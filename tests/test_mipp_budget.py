@@ -184,3 +184,42 @@ def test_a_cached_sweep_replays_its_tests_and_decides_as_a_fresh_one(monkeypatch
         assert [[vars(d) for d in v] for v in cached.decisions.values()] == \
                [[vars(d) for d in v] for v in fresh.decisions.values()]
     assert again.kept == cached.kept
+
+
+def test_a_plans_loss_is_what_its_own_sweep_lost():
+    """`plan_loss` re-sweeps removing exactly a plan's units: for a plan the price search reached without repair,
+    that is the variance share its sweep recorded as lost, layer by layer summed."""
+    from mipp.methods import Budget, get_method
+    from mipp.methods.mipp import MIPPSettings, plan_loss, prepare
+
+    model = small_model("lenet5")
+    ctx = make_context(model, inputs_for(model, 512), n_samples=512)
+    plan = get_method("mipp").select(ctx, Budget(0.8, "macs"))
+    assert plan.stats["repair"] is None and plan.stats["topped_up"] == plan.stats["given_back"] == 0
+    settings = MIPPSettings()
+    features, estimator, _ = prepare(ctx, settings, Budget(0.8, "macs"))
+    lost = plan_loss(ctx, features, estimator, settings, {}, plan.kept)
+    assert lost == pytest.approx(sum(plan.stats["lost_share"].values()), rel=1e-9, abs=1e-12)
+    assert plan_loss(ctx, features, estimator, settings, {}, {k: list(range(len(v))) for k, v in
+                                                             plan.decisions.items()}) == 0.0
+
+
+def test_a_missed_budget_is_closed_the_way_that_loses_less():
+    """Where the closest sweep misses the budget by more than its tolerance, the search closes the gap both ways
+    (the closest short sweep topped up, the closest past one given back) and keeps the one whose removals lose
+    the smaller variance share, measured by a sweep of each; both are recorded."""
+    from mipp.methods import Budget, get_method
+    from mipp.methods.mipp import MIPPSettings, plan_loss, prepare
+
+    model = small_model("lenet5")
+    ctx = make_context(model, inputs_for(model, 512), n_samples=512)
+    budget = Budget(0.85, "macs", tolerance=0.005)  # one conv channel here is worth more than the tolerance
+    plan = get_method("mipp").select(ctx, budget)
+    repair = plan.stats["repair"]
+    assert set(repair["lost_share"]) == {"topped_up", "given_back"}
+    assert repair["chosen"] == min(repair["lost_share"], key=repair["lost_share"].get)
+    assert abs(plan.stats["macs_removed"] - 0.85) <= 0.005
+    settings = MIPPSettings()
+    features, estimator, _ = prepare(ctx, settings, budget)
+    assert plan_loss(ctx, features, estimator, settings, {}, plan.kept) == pytest.approx(
+        repair["lost_share"][repair["chosen"]], rel=1e-9)

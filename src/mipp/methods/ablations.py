@@ -57,7 +57,7 @@ class WidthRule:
     left: dict[str, int] = field(default_factory=dict)  # group -> units still to remove
     prices_units = False
 
-    def removes(self, group: str, result, lost_share) -> bool:
+    def removes(self, group: str, result, lost_share, unit: int | None = None) -> bool:
         if self.left.get(group, 0) <= 0:
             return False
         self.left[group] -= 1

@@ -16,8 +16,10 @@ that removing one unit of its group removes. Insignificant units go first, at no
 when lost share <= price * cost; one global price is bisected (on its logarithm) to reach the budget, so per-layer
 widths emerge from where information is cheap. (It replaces a rule that let every layer lose the same share of its
 own information: cost-blind, blind to significance, and tied to the ridge.) Where one coarse unit makes the removed
-fraction jump past the target between two nearly equal prices, the closest sweep that falls short is topped up
-with the kept units that lose the least variance share per cost (`_top_up`).
+fraction jump past the target between two nearly equal prices, the gap is closed both ways: the closest sweep
+that falls short topped up with the kept units that lose the least variance share per cost (`_top_up`), the
+closest one past it given back the removed units that lost the most (`_give_back`); a sweep that removes exactly
+each candidate's units measures what it loses, and the smaller loss is kept (`_repair`, `plan_loss`).
 
 Features (`MIPPSettings.features`): "patches" takes every sampled (image, output position) as a sample, a unit's
 k x k input patch as its features and the reader's own output there as target (`mipp.positions`,
@@ -127,8 +129,22 @@ class ConfidenceRule:
 
     prices_units = False
 
-    def removes(self, group: str, result: TestResult, lost_share: float | None) -> bool:
+    def removes(self, group: str, result: TestResult, lost_share: float | None, unit: int | None = None) -> bool:
         return not result.significant
+
+
+@dataclass
+class FixedRule:
+    """Removes exactly the units a plan removes (`removed`: group -> units), so that a sweep measures what that plan
+    loses: in sweep order each removal's variance share given the removals before it, which per layer add up to the
+    share of its target's variance the layer's kept units can no longer explain (`plan_loss`)."""
+
+    removed: dict[str, set[int]]
+
+    prices_units = True
+
+    def removes(self, group: str, result: TestResult, lost_share: float | None, unit: int | None = None) -> bool:
+        return unit in self.removed.get(group, ())
 
 
 @dataclass
@@ -157,7 +173,7 @@ class PriceRule:
 
     prices_units = True
 
-    def removes(self, group: str, result: TestResult, lost_share: float | None) -> bool:
+    def removes(self, group: str, result: TestResult, lost_share: float | None, unit: int | None = None) -> bool:
         if result.significant == self.insignificant_only:
             return not result.significant  # insignificant units are free; significant ones kept in that case
         cost = self.unit_costs[group]
@@ -261,7 +277,7 @@ def _sweep_group(session: LayerSession, unit_mi: torch.Tensor, order: str, rule,
             share = session.variance_share_lost(unit) if rule.prices_units else None
         else:
             result, share = step[1], step[2]
-        removes = rule.removes(key, result, share)
+        removes = rule.removes(key, result, share, unit)
         if step is not None and removes != step[3]:
             known = None  # the state differs from the next step on
         record = records[unit]
@@ -460,10 +476,16 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     cache: dict = {}
     costs = unit_costs(ctx, budget.metric)
 
+    closest = {}  # "short" / "over": (gap, result, price, fill price, cap) of the sweep nearest the budget that side
+
     def run(price: float, insignificant_only: bool, fill_price: float | None = None, cap: int | None = None):
         rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
         result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache)
-        return result, ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction, rule.priced_removals
+        gap = ctx.cost.fractions_removed(result.kept)[budget.metric] - budget.fraction
+        side = "short" if gap < 0 else "over"
+        if side not in closest or abs(gap) < abs(closest[side][0]):
+            closest[side] = (gap, result, price, fill_price, cap)
+        return result, gap, rule.priced_removals
 
     fill_cost = 2 * budget.tolerance
     result, gap, _ = run(0.0, False)
@@ -513,15 +535,12 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
                 best = (gap, result, base, math.exp(middle), None)
             low, high = (middle, high) if gap < 0 else (low, middle)
     _, result, price, fill_price, cap = best
-    topped_up = 0
-    if best[0] < -budget.tolerance and over is not None and not insignificant_only:
-        rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
-        result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache,
-                       collect_remaining=True)
-        topped_up = _top_up(ctx, result, costs, budget, max_price=TOP_UP_PRICE_FACTOR * over[0])
-        if ctx.cost.fractions_removed(result.kept)[budget.metric] < budget.fraction - budget.tolerance:
-            topped_up += _top_up(ctx, result, costs, budget)  # still short: uncapped (see _top_up)
-    given_back = _give_back(ctx, result, costs, budget) if best[0] > budget.tolerance else 0
+    topped_up = given_back = 0
+    repair = None
+    if abs(best[0]) > budget.tolerance:
+        result, price, fill_price, cap, topped_up, given_back, repair = _repair(
+            ctx, features, estimator, settings, cache, costs, budget, closest, best, over, insignificant_only,
+            fill_cost)
     return result, {
         "price": price,
         "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
@@ -532,7 +551,58 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
         "lost_share": result.lost_share,
         "topped_up": topped_up,  # removals added after the search (see _top_up)
         "given_back": given_back,  # removed units restored after the search (see _give_back)
+        "repair": repair,  # None, or the variance share each way of closing the gap loses and the one taken
     }
+
+
+def _repair(ctx, features, estimator, settings: MIPPSettings, cache: dict, costs: dict, budget: Budget,
+            closest: dict, best: tuple, over, insignificant_only: bool, fill_cost: float):
+    """Close the gap the price search left (its closest sweep misses the budget by more than its tolerance) in both
+    ways the searched sweeps allow, and keep the one that loses less: the closest sweep short of the budget with
+    units removed (`_top_up`), and the closest one past it with units restored (`_give_back`). Each candidate's
+    loss is measured by one more sweep that removes exactly its units (`plan_loss`), since the shares the repairs
+    add up were measured before them: topping up LeNet-5 at 90% of MACs from 87.9% cut both fully connected layers
+    to one unit each (their single shares small, their joint loss nearly all of the logits' variance; 18% test
+    accuracy), where restoring units to the 93.8% sweep kept them. A candidate within tolerance is preferred; the
+    nearest is taken otherwise (the closest sweep itself, when it falls short and cannot be topped up, is one).
+    Returns (result, price, fill price, cap, topped up, given back, what was compared)."""
+    candidates = []
+    short = best if best[0] < 0 else closest.get("short")
+    if short is not None and over is not None and not insignificant_only:
+        _, _, price, fill_price, cap = short
+        rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
+        result = sweep(ctx, features, estimator, rule, settings.confidence, settings.order, cache,
+                       collect_remaining=True)
+        added = _top_up(ctx, result, costs, budget, max_price=TOP_UP_PRICE_FACTOR * over[0])
+        if ctx.cost.fractions_removed(result.kept)[budget.metric] < budget.fraction - budget.tolerance:
+            added += _top_up(ctx, result, costs, budget)  # still short: uncapped (see _top_up)
+        candidates.append(("topped_up", result, price, fill_price, cap, added, 0))
+    past = best if best[0] > 0 else closest.get("over")
+    if past is not None:
+        _, result, price, fill_price, cap = past
+        candidates.append(("given_back", result, price, fill_price, cap, 0, _give_back(ctx, result, costs, budget)))
+    if best[0] < 0 and not any(c[0] == "topped_up" for c in candidates):  # short, and nothing could top it up
+        _, result, price, fill_price, cap = best
+        candidates.insert(0, ("as_searched", result, price, fill_price, cap, 0, 0))
+
+    def miss(candidate) -> float:
+        return abs(ctx.cost.fractions_removed(candidate[1].kept)[budget.metric] - budget.fraction)
+
+    within = [c for c in candidates if miss(c) <= budget.tolerance]
+    if len(within) < 2:
+        chosen = within[0] if within else min(candidates, key=miss)
+        return (*chosen[1:], None)
+    losses = {c[0]: plan_loss(ctx, features, estimator, settings, cache, c[1].kept) for c in within}
+    chosen = min(within, key=lambda c: (losses[c[0]], c[0]))
+    return (*chosen[1:], {"lost_share": losses, "chosen": chosen[0]})
+
+
+def plan_loss(ctx, features, estimator, settings: MIPPSettings, cache: dict, kept: dict[str, list[int]]) -> float:
+    """The variance share a plan loses, summed over its layers: one sweep that removes exactly its units
+    (`FixedRule`), each layer given the kept units of the layers after it: the currency the price ranks in."""
+    removed = {g.key: set(range(g.size)) - set(kept[g.key]) for g in ctx.units.groups}
+    result = sweep(ctx, features, estimator, FixedRule(removed), settings.confidence, settings.order, cache)
+    return float(sum(result.lost_share.values()))
 
 
 def _next_log_price(low: float, high: float, low_gap: float | None, high_gap: float | None) -> float:
