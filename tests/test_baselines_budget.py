@@ -146,3 +146,23 @@ def test_torch_pruning_adapter_keeps_what_torch_pruning_keeps(criterion, model_n
     ours = {key: plan.removed(key) for key in plan.kept if plan.removed(key)}
     assert sum(map(len, ours.values())) == n_removed
     assert ours == removed_by_tp
+
+
+def test_a_ranking_that_cannot_be_filled_to_the_budget_gives_units_back_instead(monkeypatch):
+    """LeNet-5 at 90% of MACs by Torch-Pruning L1: no prefix of the global ranking lands within the tolerance (a
+    first-layer channel is worth 6% of the MACs), and filling from below removed every fully connected unit but one
+    per layer and still fell short. Restoring units to the shortest prefix past the target lands within it and
+    keeps the classifier; with the give-back disabled the old, collapsed plan comes back."""
+    import mipp.methods.base as base
+    from mipp.api import make_context
+    from mipp.methods import Budget, get_method
+
+    model = small_model("lenet5")
+    data = inputs_for(model, 256)
+    plan = get_method("tp-l1").select(make_context(model, data, n_samples=256), Budget(0.9, "macs"))
+    assert abs(plan.stats["macs_removed"] - 0.9) <= 0.005
+    assert len(plan.kept["classifier.0"]) > 1 and len(plan.kept["classifier.2"]) > 1
+    monkeypatch.setattr(base, "_give_back_to_budget", lambda ctx, candidates, n, budget, fallback: fallback)
+    filled = get_method("tp-l1").select(make_context(model, data, n_samples=256), Budget(0.9, "macs"))
+    assert abs(filled.stats["macs_removed"] - 0.9) > 0.005
+    assert len(filled.kept["classifier.0"]) == len(filled.kept["classifier.2"]) == 1
