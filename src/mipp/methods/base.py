@@ -98,10 +98,7 @@ def plan_from_scores(ctx: PruneContext, scores: dict[str, torch.Tensor], budget:
     candidates.sort(key=lambda c: (c[0], c[1], c[2]))
 
     def kept_after(n_removed: int) -> dict[str, list[int]]:
-        removed: dict[str, set[int]] = {}
-        for _, key, unit in candidates[:n_removed]:
-            removed.setdefault(key, set()).add(unit)
-        return {g.key: [i for i in range(g.size) if i not in removed.get(g.key, ())] for g in ctx.units.groups}
+        return _kept_without(ctx, _removed_by(candidates[:n_removed]))
 
     low, high = 0, len(candidates)
     while low < high:  # smallest number of removals that reaches the budget
@@ -139,23 +136,14 @@ def _fill_to_budget(ctx, candidates, n_prefix: int, budget: Budget, fallback: di
     """When no prefix of the ranking lands within `budget.tolerance` (one unit can weigh several % of the MACs),
     continue from the last prefix below the target in rank order, skipping any unit whose removal would overshoot
     the target by more than the tolerance. Returns whichever of this and `fallback` is closer to the target."""
-    removed: dict[str, set[int]] = {}
-    for _, key, unit in candidates[:n_prefix]:
-        removed.setdefault(key, set()).add(unit)
-
-    def kept_now() -> dict[str, list[int]]:
-        return {g.key: [i for i in range(g.size) if i not in removed.get(g.key, ())] for g in ctx.units.groups}
-
+    removed = _removed_by(candidates[:n_prefix])
     for _, key, unit in candidates[n_prefix:]:
-        reached = ctx.cost.fractions_removed(kept_now())[budget.metric]
-        if reached >= budget.fraction - budget.tolerance:
+        if _reached(ctx, removed, budget) >= budget.fraction - budget.tolerance:
             break
         removed.setdefault(key, set()).add(unit)
-        if ctx.cost.fractions_removed(kept_now())[budget.metric] > budget.fraction + budget.tolerance:
+        if _reached(ctx, removed, budget) > budget.fraction + budget.tolerance:
             removed[key].discard(unit)
-    kept = kept_now()
-    error = abs(ctx.cost.fractions_removed(kept)[budget.metric] - budget.fraction)
-    return kept if error < abs(ctx.cost.fractions_removed(fallback)[budget.metric] - budget.fraction) else fallback
+    return _closer(ctx, _kept_without(ctx, removed), fallback, budget)
 
 
 def _give_back_to_budget(ctx, candidates, n_prefix: int, budget: Budget, fallback: dict[str, list[int]]
@@ -166,22 +154,36 @@ def _give_back_to_budget(ctx, candidates, n_prefix: int, budget: Budget, fallbac
     cost, and on LeNet-5 at 90% of MACs it removed every fully connected unit but one per layer (still 0.6 points
     short; 15% accuracy) where restoring a few of them to the prefix past the target lands within it. Returns
     whichever of this and `fallback` is closer to the target (`fallback` on a tie)."""
-    removed: dict[str, set[int]] = {}
-    for _, key, unit in candidates[:n_prefix]:
-        removed.setdefault(key, set()).add(unit)
-
-    def kept_now() -> dict[str, list[int]]:
-        return {g.key: [i for i in range(g.size) if i not in removed.get(g.key, ())] for g in ctx.units.groups}
-
+    removed = _removed_by(candidates[:n_prefix])
     for _, key, unit in reversed(candidates[:n_prefix]):
-        if ctx.cost.fractions_removed(kept_now())[budget.metric] <= budget.fraction + budget.tolerance:
+        if _reached(ctx, removed, budget) <= budget.fraction + budget.tolerance:
             break
         removed[key].discard(unit)
-        if ctx.cost.fractions_removed(kept_now())[budget.metric] < budget.fraction - budget.tolerance:
+        if _reached(ctx, removed, budget) < budget.fraction - budget.tolerance:
             removed[key].add(unit)
-    kept = kept_now()
-    error = abs(ctx.cost.fractions_removed(kept)[budget.metric] - budget.fraction)
-    return kept if error < abs(ctx.cost.fractions_removed(fallback)[budget.metric] - budget.fraction) else fallback
+    return _closer(ctx, _kept_without(ctx, removed), fallback, budget)
+
+
+def _removed_by(candidates) -> dict[str, set[int]]:
+    removed: dict[str, set[int]] = {}
+    for _, key, unit in candidates:
+        removed.setdefault(key, set()).add(unit)
+    return removed
+
+
+def _kept_without(ctx, removed: dict[str, set[int]]) -> dict[str, list[int]]:
+    return {g.key: [i for i in range(g.size) if i not in removed.get(g.key, ())] for g in ctx.units.groups}
+
+
+def _reached(ctx, removed: dict[str, set[int]], budget: Budget) -> float:
+    return ctx.cost.fractions_removed(_kept_without(ctx, removed))[budget.metric]
+
+
+def _closer(ctx, kept: dict[str, list[int]], fallback: dict[str, list[int]], budget: Budget) -> dict[str, list[int]]:
+    """`kept` if it is strictly closer to the budget's target than `fallback`, else `fallback`."""
+    def error(plan):
+        return abs(ctx.cost.fractions_removed(plan)[budget.metric] - budget.fraction)
+    return kept if error(kept) < error(fallback) else fallback
 
 
 def finish_plan(ctx: PruneContext, kept: dict[str, list[int]], method: str, settings: dict,

@@ -539,8 +539,7 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     repair = None
     if abs(best[0]) > budget.tolerance:
         result, price, fill_price, cap, topped_up, given_back, repair = _repair(
-            ctx, features, estimator, settings, cache, costs, budget, closest, best, over, insignificant_only,
-            fill_cost)
+            ctx, features, estimator, settings, cache, costs, budget, closest, over, insignificant_only, fill_cost)
     return result, {
         "price": price,
         "priced_removals_cap": cap,  # None, or the search's last step taken part of the way (see above)
@@ -556,7 +555,7 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
 
 
 def _repair(ctx, features, estimator, settings: MIPPSettings, cache: dict, costs: dict, budget: Budget,
-            closest: dict, best: tuple, over, insignificant_only: bool, fill_cost: float):
+            closest: dict, over, insignificant_only: bool, fill_cost: float):
     """Close the gap the price search left (its closest sweep misses the budget by more than its tolerance) in both
     ways the searched sweeps allow, and keep the one that loses less: the closest sweep short of the budget with
     units removed (`_top_up`), and the closest one past it with units restored (`_give_back`). Each candidate's
@@ -565,9 +564,11 @@ def _repair(ctx, features, estimator, settings: MIPPSettings, cache: dict, costs
     to one unit each (their single shares small, their joint loss nearly all of the logits' variance; 18% test
     accuracy), where restoring units to the 93.8% sweep kept them. A candidate within tolerance is preferred; the
     nearest is taken otherwise (the closest sweep itself, when it falls short and cannot be topped up, is one).
-    Returns (result, price, fill price, cap, topped up, given back, what was compared)."""
+    `closest`: the search's sweep nearest the budget on each side ("short", "over"), as (gap, result, price, fill
+    price, cap); the nearer of the two is the search's best. Returns (result, price, fill price, cap, topped up,
+    given back, what was compared)."""
     candidates = []
-    short = best if best[0] < 0 else closest.get("short")
+    short, past = closest.get("short"), closest.get("over")
     if short is not None and over is not None and not insignificant_only:
         _, _, price, fill_price, cap = short
         rule = PriceRule(price, costs, insignificant_only, fill_price, fill_cost, cap)
@@ -577,12 +578,11 @@ def _repair(ctx, features, estimator, settings: MIPPSettings, cache: dict, costs
         if ctx.cost.fractions_removed(result.kept)[budget.metric] < budget.fraction - budget.tolerance:
             added += _top_up(ctx, result, costs, budget)  # still short: uncapped (see _top_up)
         candidates.append(("topped_up", result, price, fill_price, cap, added, 0))
-    past = best if best[0] > 0 else closest.get("over")
     if past is not None:
         _, result, price, fill_price, cap = past
         candidates.append(("given_back", result, price, fill_price, cap, 0, _give_back(ctx, result, costs, budget)))
-    if best[0] < 0 and not any(c[0] == "topped_up" for c in candidates):  # short, and nothing could top it up
-        _, result, price, fill_price, cap = best
+    if short is not None and not any(c[0] == "topped_up" for c in candidates):  # nothing could top it up
+        _, result, price, fill_price, cap = short
         candidates.insert(0, ("as_searched", result, price, fill_price, cap, 0, 0))
 
     def miss(candidate) -> float:
