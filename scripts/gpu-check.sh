@@ -24,7 +24,9 @@ EOF
 
 echo "== CUDA-path tests"
 start=$SECONDS
-"$PYTHON" -m pytest tests/test_device.py tests/test_export.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+tests_failed=0  # a failing test is reported at the end; the timings below still run
+"$PYTHON" -m pytest tests/test_device.py tests/test_export.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" \
+    || tests_failed=1
 echo "tests: $((SECONDS - start)) s"
 
 echo "== timed prune: VGG-11 w0.5, MIPP, 50% of MACs, 2000 calibration samples, CPU against GPU"
@@ -79,3 +81,4 @@ else
     echo "== torchrun with nccl: skipped ($GPUS GPU; it needs 2)"
 fi
 echo "gpu-check done in $SECONDS s; logs in $OUT"
+[ "$tests_failed" = 0 ] || { echo "gpu-check: CUDA-path tests failed (see $OUT/tests.log)"; exit 1; }

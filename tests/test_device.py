@@ -16,12 +16,13 @@ from conftest import inputs_for, small_model
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def plan_and_outputs(model, data, **options):
-    """(Plan, pruned model, its outputs on 16 calibration inputs, on the CPU) of a prune to half of the MACs."""
+def plan_and_outputs(model, data, probe=None, **options):
+    """(Plan, pruned model, its outputs on `probe` (default: 16 calibration inputs), on the CPU) of a prune to half
+    of the MACs."""
     pruned, plan = mipp.prune(model, data, budget=0.5, metric="macs", n_samples=256, **options)
-    inputs = data[0] if isinstance(data, tuple) else data
+    probe = (data[0] if isinstance(data, tuple) else data)[:16] if probe is None else probe
     with torch.no_grad():
-        return plan, pruned, pruned(inputs[:16].to(next(pruned.parameters()).device)).cpu()
+        return plan, pruned, pruned(probe.to(next(pruned.parameters()).device)).cpu()
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
@@ -65,15 +66,30 @@ def full_precision():
                                          ("vgg11", "tp-taylor"), ("vgg11", "thinet")])
 def test_prune_on_cuda_chooses_what_the_cpu_chooses(name, method):
     """Capture (or gradients), selection, reconstruction and recalibration on the GPU give the CPU's Plan, and a
-    pruned model (left on the GPU) whose outputs match the CPU's."""
+    pruned model (left on the GPU) whose outputs match the CPU's as closely as rounding allows.
+
+    The GPU's convolutions round differently (about 1e-7 of each value), and the re-fit of readers amplifies such
+    changes: least squares on correlated patch features moved the tiny VGG-11's outputs by 3e-4 of their scale when
+    its calibration data moved by 1e-6, on the CPU alone. So the GPU is held to ten times what the same rounding-size
+    change of the data does on the CPU (and without the re-fit, to float32 rounding of the outputs)."""
     model = small_model(name)
-    data = (inputs_for(model, 256, seed=1), torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(2)))
+    images = inputs_for(model, 256, seed=1)
+    labels = torch.randint(0, 10, (256,), generator=torch.Generator().manual_seed(2))
+    nudged = images * (1 + 1e-6 * torch.randn(images.shape, generator=torch.Generator().manual_seed(3)))
     with full_precision():
-        cpu_plan, _, cpu_out = plan_and_outputs(model, data, method=method)
-        gpu_plan, pruned, gpu_out = plan_and_outputs(model, data, method=method, device="cuda")
-    assert next(pruned.parameters()).is_cuda and next(model.parameters()).device.type == "cpu"
-    assert gpu_plan.kept == cpu_plan.kept
-    assert torch.allclose(gpu_out, cpu_out, rtol=1e-3, atol=1e-4 * float(cpu_out.abs().max()))
+        for refit in (False, True):
+            cpu_plan, _, cpu_out = plan_and_outputs(model, (images, labels), method=method, reconstruct=refit)
+            gpu_plan, pruned, gpu_out = plan_and_outputs(model, (images, labels), method=method, device="cuda",
+                                                         reconstruct=refit)
+            assert next(pruned.parameters()).is_cuda and next(model.parameters()).device.type == "cpu"
+            assert gpu_plan.kept == cpu_plan.kept
+            scale = float(cpu_out.abs().max())
+            rounding = 1e-5 * scale
+            if refit:
+                nudged_plan, _, nudged_out = plan_and_outputs(model, (nudged, labels), images[:16], method=method)
+                assert nudged_plan.kept == cpu_plan.kept
+                rounding = max(rounding, float((nudged_out - cpu_out).abs().max()))
+            assert float((gpu_out - cpu_out).abs().max()) <= 10 * rounding, (refit, rounding / scale)
 
 
 @cuda

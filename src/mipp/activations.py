@@ -241,7 +241,7 @@ def _unit_features(x: torch.Tensor, index: torch.Tensor, unit: torch.Tensor, n_u
     if grid is not None:
         return grid
     pooled = _pool(x, pool)[:, index]  # (N, k, f)
-    counts = torch.bincount(unit, minlength=n_units).clamp_min(1).to(pooled.dtype)
+    counts = torch.bincount(unit, minlength=n_units).clamp_min(1).to(pooled.device, pooled.dtype)
     summed = torch.zeros(pooled.shape[0], n_units, pooled.shape[2], dtype=pooled.dtype, device=pooled.device)
     summed.index_add_(1, unit.to(pooled.device), pooled)
     return summed / counts.view(1, -1, 1)

@@ -34,12 +34,11 @@ class SurgeryError(RuntimeError):
 
 
 def plan_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | None) -> torch.Tensor:
-    """The batch to trace `model` with: the one given, else zeros of the Plan's recorded input shape."""
-    if example_input is not None:
-        return example_input
-    if plan.example_shape:
-        return torch.zeros(*plan.example_shape)
-    return example_input_for(model, None)
+    """The batch to trace `model` with, on its device: the one given, else zeros of the Plan's recorded input
+    shape."""
+    if example_input is None and plan.example_shape:
+        example_input = torch.zeros(*plan.example_shape)
+    return example_input_for(model, example_input)
 
 
 def apply_plan(model: nn.Module, plan: Plan, example_input: torch.Tensor | None = None,

@@ -77,7 +77,7 @@ class UnitGroup:
                 score = param_scores.get(f"{coupling.module_name}.{suffix}")
                 if score is None or (dim == 1 and score.dim() < 2):
                     continue
-                per_channel = score.detach().double().transpose(0, dim).reshape(score.shape[dim], -1).sum(1)
+                per_channel = score.detach().double().transpose(0, dim).reshape(score.shape[dim], -1).sum(1).cpu()
                 total.index_add_(0, coupling.unit, per_channel[coupling.index])
         return total
 
@@ -123,9 +123,10 @@ def layer_macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 def example_input_for(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
-    """An example batch: the one given, else one built from the model's mipp_config."""
+    """An example batch on the model's device: the one given, else one built from the model's mipp_config."""
+    device = next((p.device for p in model.parameters()), None)
     if example_input is not None:
-        return example_input
+        return example_input if device is None else example_input.to(device)
     config = getattr(model, "mipp_config", None)
     if not config:
         raise ValueError(
@@ -133,7 +134,7 @@ def example_input_for(model: nn.Module, example_input: torch.Tensor | None) -> t
             "of your data); models from mipp.models carry their input shape and need none"
         )
     size = config["input_size"]
-    return torch.zeros(2, config["in_channels"], size, size)
+    return torch.zeros(2, config["in_channels"], size, size, device=device)
 
 
 class _TraceRecorder:
@@ -731,7 +732,7 @@ def _drop_removed(model, name: str, value: torch.Tensor, groups, removed) -> tor
     dim = value.dim() - 1 if isinstance(model.get_submodule(name), nn.Linear) else 1
     keep = torch.ones(value.shape[dim], dtype=torch.bool)
     keep[torch.cat(drop)] = False
-    return value.index_select(dim, keep.nonzero().flatten())
+    return value.index_select(dim, keep.nonzero().flatten().to(value.device))
 
 
 def _first_tensor(output) -> torch.Tensor:
