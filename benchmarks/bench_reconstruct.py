@@ -2,8 +2,9 @@
 
 The reference is one pass of the calibration samples through the unpruned model under torch.no_grad (batches of
 256, as capture runs them), measured in the same run. MIPP selects in budget mode (50% of MACs); reconstruction is
-timed as its statistics pass (before surgery) and its solves (after), for several numbers of sampled output
-positions per image (the default is marked), and the sequential re-fit (`reconstruct="sequential"`); batch-norm
+timed as its statistics pass (before surgery) and its solves (after), for several caps on the sampled output
+positions per image (each reader takes as many as give it `ROWS_PER_FEATURE` rows per patch feature, up to the cap;
+the default is marked), against every reader at the default cap (the rule before), and the sequential re-fit (`reconstruct="sequential"`); batch-norm
 recalibration is timed apart. Every line is a ratio to the
 reference; issue 13 asks for selection plus reconstruction at most 3x. The last column is what the time buys: the
 pruned model's output error against the original on 500 held-out inputs (mean squared error over the output
@@ -14,11 +15,13 @@ Run: .venv/bin/python benchmarks/bench_reconstruct.py [--samples 2000] [--width 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 
 import torch
 
+from mipp import reconstruct
 from mipp.activations import calibration_batches
 from mipp.api import make_context
 from mipp.methods import Budget, get_method
@@ -27,6 +30,16 @@ from mipp.recalibrate import recalibrate_batch_norm
 from mipp.reconstruct import POSITIONS_PER_IMAGE, reconstruction_statistics, refit_readers, refit_sequentially
 from mipp.surgery import apply_plan
 from mipp.units import find_units
+
+
+@contextlib.contextmanager
+def rows_per_feature(value: int):
+    """reconstruct.ROWS_PER_FEATURE set to `value` within the block (10**9: every reader takes the cap)."""
+    saved, reconstruct.ROWS_PER_FEATURE = reconstruct.ROWS_PER_FEATURE, value
+    try:
+        yield
+    finally:
+        reconstruct.ROWS_PER_FEATURE = saved
 
 
 def timed(fn):
@@ -72,35 +85,44 @@ def main() -> None:
     rows = [("forward pass of the calibration samples (the reference)", floor, None),
             ("MIPP selection, features='mean', 50% of MACs (capture incl.)", selection, None),
             ("plain removal (no reconstruction)", None, relative_error(plain, model, held_out))]
-    for positions in sorted({int(p) for p in args.positions.split(",")}):
+    # each number of positions as a cap with the per-reader rule (ROWS_PER_FEATURE rows per patch feature), and the
+    # default cap taken by every reader (the rule before it), for comparison in the same run
+    settings = [(p, True) for p in sorted({int(p) for p in args.positions.split(",")})] + [(POSITIONS_PER_IMAGE, False)]
+    for positions, per_reader in settings:
         target = copy.deepcopy(model)
         units = find_units(target, ctx.example_input)
-        statistics, gather = timed(lambda: reconstruction_statistics(
-            target, plan, data, units=units, n_samples=args.samples, positions_per_image=positions))
+        with rows_per_feature(reconstruct.ROWS_PER_FEATURE if per_reader else 10 ** 9):
+            statistics, gather = timed(lambda: reconstruction_statistics(
+                target, plan, data, units=units, n_samples=args.samples, positions_per_image=positions))
         apply_plan(target, plan, units=units)
         _, solve = timed(lambda: refit_readers(target, statistics))
-        mark = " (default)" if positions == POSITIONS_PER_IMAGE else ""
-        rows += [(f"reconstruction statistics pass, {positions} positions/image{mark}", gather, None),
+        what = (f"at most {positions} positions/image" if per_reader else f"{positions} positions/image, every reader")
+        what += " (default)" if per_reader and positions == POSITIONS_PER_IMAGE else ""
+        rows += [(f"reconstruction statistics pass, {what}", gather, None),
                  (f"reconstruction solves ({len(statistics)} readers)", solve, None),
-                 (f"selection + reconstruction, {positions} positions/image{mark}", selection + gather + solve,
+                 (f"selection + reconstruction, {what}", selection + gather + solve,
                   relative_error(target, model, held_out))]
     # features="patches": the selection's position-sampled moments are the readers' normal equations (no second
     # pass); "auto" (the default): patches for the groups whose readers have at most AUTO_MAX_FEATURES features, the
     # spatial mean for the rest, and a reconstruction pass only for the readers the moments do not cover
-    for features in ("patches", "auto"):
+    for features, per_reader in (("patches", True), ("auto", False), ("auto", True)):
         patches_ctx = make_context(model, data, n_samples=args.samples)
         patches_plan, patches_selection = timed(
             lambda: get_method("mipp").select(patches_ctx, Budget(0.5, "macs"), features=features))
         target = copy.deepcopy(model)
         units = find_units(target, ctx.example_input)
-        statistics, gather = timed(lambda: reconstruction_statistics(
-            target, patches_plan, data, units=units, n_samples=args.samples, moments=patches_ctx.reader_moments))
+        with rows_per_feature(reconstruct.ROWS_PER_FEATURE if per_reader else 10 ** 9):
+            statistics, gather = timed(lambda: reconstruction_statistics(
+                target, patches_plan, data, units=units, n_samples=args.samples,
+                moments=patches_ctx.reader_moments))
         apply_plan(target, patches_plan, units=units)
         _, solve = timed(lambda: refit_readers(target, statistics))
         on_means = len((patches_plan.settings.get("features") or {}).get("mean_groups", {}))
         rows += [(f"MIPP selection, features={features!r} ({100 * patches_plan.stats['macs_removed']:.1f}% of MACs"
                   + (f"; {on_means} groups on means)" if features == "auto" else ")"), patches_selection, None),
-                 ("reconstruction statistics: the moments (+ a pass for the rest)", gather, None),
+                 ("reconstruction statistics: the moments (+ a pass for the rest"
+                  + (")" if per_reader else f", {POSITIONS_PER_IMAGE} positions/image for every reader)"), gather,
+                  None),
                  (f"reconstruction solves ({len(statistics)} readers)", solve, None),
                  (f"selection + reconstruction, features={features!r}", patches_selection + gather + solve,
                   relative_error(target, model, held_out))]

@@ -194,10 +194,10 @@ def test_a_plans_loss_is_what_its_own_sweep_lost():
 
     model = small_model("lenet5")
     ctx = make_context(model, inputs_for(model, 512), n_samples=512)
-    plan = get_method("mipp").select(ctx, Budget(0.8, "macs"))
+    plan = get_method("mipp").select(ctx, Budget(0.5, "macs"))
     assert plan.stats["repair"] is None and plan.stats["topped_up"] == plan.stats["given_back"] == 0
     settings = MIPPSettings()
-    features, estimator, _ = prepare(ctx, settings, Budget(0.8, "macs"))
+    features, estimator, _ = prepare(ctx, settings, Budget(0.5, "macs"))
     lost = plan_loss(ctx, features, estimator, settings, {}, plan.kept)
     assert lost == pytest.approx(sum(plan.stats["lost_share"].values()), rel=1e-9, abs=1e-12)
     assert plan_loss(ctx, features, estimator, settings, {}, {k: list(range(len(v))) for k, v in
@@ -223,3 +223,32 @@ def test_a_missed_budget_is_closed_the_way_that_loses_less():
     features, estimator, _ = prepare(ctx, settings, budget)
     assert plan_loss(ctx, features, estimator, settings, {}, plan.kept) == pytest.approx(
         repair["lost_share"][repair["chosen"]], rel=1e-9)
+
+
+def test_the_price_step_takes_the_units_whose_costs_close_the_gap():
+    """After a sweep, the search moves the price past the ratios (variance share lost per cost) of just the units
+    whose costs add up closest to the gap: short of the budget, the cheapest-ratio kept units; past it, the
+    dearest-ratio removed ones. Units the price does not decide (insignificant ones, which go free) are ignored."""
+    import math
+
+    from mipp.methods.mipp import SweepResult, _log_price_from_sweep
+
+    costs = {"a": 0.1, "b": 0.2}
+    # (unit, significant, share, removed): ratios a: 0.5, 1, 3, 6; b: 0.25 (removed), 2, 5; one insignificant
+    tested = {"a": [(0, True, 0.05, True), (1, True, 0.1, True), (2, True, 0.3, False), (3, True, 0.6, False),
+                    (4, False, 0.0, True)],
+              "b": [(0, True, 0.05, True), (1, True, 0.4, False), (2, True, 1.0, False)]}
+    result = SweepResult({}, {}, {}, tested=tested)
+    # price 1.5, short by 0.28: the kept ratios 2 (cost 0.2), 3 (0.1) add up to 0.3, closest: the price goes
+    # between 3 and the next, 5
+    assert _log_price_from_sweep(result, 1.5, -0.28, costs, False) == pytest.approx((0.5 * math.log(15), 0.3))
+    # the same gap, where the last step changed the fraction by 0.6 of what it predicted: costs of 0.28 / 0.6,
+    # closest 0.5 (ratios 2, 3, 5), so the price goes between 5 and 6
+    assert _log_price_from_sweep(result, 1.5, -0.28, costs, False, gain=0.6)[0] == pytest.approx(0.5 * math.log(30))
+    # short by 0.05: even the cheapest kept ratio (cost 0.2) overshoots by more than it closes: no step
+    assert _log_price_from_sweep(result, 1.5, -0.05, costs, False) is None
+    # past the budget by 0.1: of the removed ratios 1 (0.1), 0.5 (0.1), 0.25 (0.2), keeping the first closes it;
+    # the price goes between 1 and 0.5
+    assert _log_price_from_sweep(result, 1.5, 0.1, costs, False) == pytest.approx((0.5 * math.log(0.5), -0.1))
+    # only insignificant units priced (`insignificant_only`): the one tested (share 0) is the lowest price
+    assert _log_price_from_sweep(result, math.inf, 0.1, costs, True)[0] == pytest.approx(math.log(1e-15))

@@ -313,3 +313,19 @@ def test_validated_solve_falls_back_when_lapack_eigh_does_not_converge(monkeypat
     monkeypatch.setattr(torch.linalg, "eigh", fails)
     for got, want in zip(stats.solve_validated(), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_each_reader_samples_the_positions_its_features_need():
+    """A reader takes ROWS_PER_FEATURE rows per patch feature over the calibration images, at least MIN_POSITIONS
+    and at most the cap per image: a wide reader's Gram matrix (rows x features^2) is what the pass costs."""
+    from mipp.reconstruct import MIN_POSITIONS, ROWS_PER_FEATURE, ReaderStatistics, reader_positions
+
+    def reader(features: int) -> ReaderStatistics:
+        zeros = torch.zeros(features, features, dtype=torch.float64)
+        return ReaderStatistics("r", torch.arange(1), torch.arange(1), True, zeros, zeros[:, :1], zeros[0],
+                                zeros[0, :1])
+
+    assert reader_positions(reader(9), 2000, 32) == MIN_POSITIONS
+    assert reader_positions(reader(2304), 2000, 32) == -(-ROWS_PER_FEATURE * 2304 // 2000)  # 10 at 8 rows each
+    assert reader_positions(reader(2304), 200, 32) == 32
+    assert reader_positions(reader(2304), 2000, 3) == 3  # the cap wins over the minimum too

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from mipp import distributed
-from mipp.activations import calibration_batches, sharded_batches
+from mipp.activations import calibration_batches, calibration_size, sharded_batches
 from mipp.mi.gaussian import rank_deficient_ridge
 from mipp.plan import Plan
 from mipp.positions import ReaderMoments, sample_patches, skipped_draws
@@ -54,9 +54,15 @@ DEFAULT_MODE = "independent"
 # inputs, and with RIDGE alone it chased them along directions of tiny variance (LeNet-5 on rank-16 inputs: 0.014
 # of the output's variance lost in sample, 120x that held out).
 VALIDATED_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-# Output positions sampled per image for a convolution's patches (all of them when the map is smaller): with 2,000
-# images that is 64,000 rows, enough for readers of up to a few thousand patch features.
+# Output positions sampled per image for a convolution's patches, at most (all of them when the map is smaller):
+# with 2,000 images that is 64,000 rows, enough for readers of up to a few thousand patch features. Each reader
+# takes only as many as give it ROWS_PER_FEATURE rows per patch feature (at least MIN_POSITIONS per image): the
+# Gram matrix costs rows x features^2, and the wide readers that dominate it need no more rows than that for a
+# well-determined least squares (VGG-11 w0.5, 2,000 samples: a quarter of the statistics pass's time, the same
+# output error to 3%; `benchmarks/bench_reconstruct.py`).
 POSITIONS_PER_IMAGE = 32
+ROWS_PER_FEATURE = 8
+MIN_POSITIONS = 4
 
 
 def reconstruction_mode(reconstruct) -> str | None:
@@ -244,8 +250,10 @@ def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: Unit
     generator = torch.Generator().manual_seed(seed)
     sharded = distributed.active()  # under torchrun: this rank's batches, then the sums of all ranks
     skip = skipped_draws(model, list(pending), generator, data, seed, device) if sharded else None
-    handles = [model.get_submodule(name).register_forward_hook(_accumulate(stats, generator, positions_per_image))
-               for name, stats in pending.items()]
+    images = calibration_size(data, n_samples)
+    handles = [model.get_submodule(name).register_forward_hook(
+        _accumulate(stats, generator, reader_positions(stats, images, positions_per_image)))
+        for name, stats in pending.items()]
     was_training = model.training
     model.eval()
     batches = (sharded_batches(data, n_samples, batch_size, seed) if sharded
@@ -307,6 +315,13 @@ def _from_moments(statistics: dict[str, ReaderStatistics], moments: dict[str, li
         stats.rows = count
         filled.add(name)
     return filled
+
+
+def reader_positions(stats: ReaderStatistics, images: int, at_most: int) -> int:
+    """Positions per image to sample for one reader: enough for ROWS_PER_FEATURE rows per feature over `images`
+    images, at least MIN_POSITIONS and at most `at_most`."""
+    wanted = math.ceil(ROWS_PER_FEATURE * stats.gram.shape[0] / max(images, 1))
+    return min(at_most, max(MIN_POSITIONS, wanted))
 
 
 def _empty_statistics(name, module, kept_in, kept_out, device) -> ReaderStatistics:
@@ -386,13 +401,14 @@ def refit_sequentially(original: nn.Module, pruned: nn.Module, plan: Plan, data,
             stats = _empty_statistics(name, original.get_submodule(name), kept_in, kept_out, device)
             stats.output_square = torch.zeros_like(stats.output_sum)
             every_input = torch.arange(len(kept_in))
+            positions = reader_positions(stats, calibration_size(data, n_samples), positions_per_image)
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for batch in calibration_batches(data, n_samples, batch_size, seed):
                     batch = batch.to(device)
                     target = _run_to(original, name, batch)[1]
                     x = _run_to(pruned, name, batch)[0]
-                    stats.add(*_rows(module, x, target, every_input, kept_out, generator, positions_per_image))
+                    stats.add(*_rows(module, x, target, every_input, kept_out, generator, positions))
                 weight, bias = stats.solve_validated()
                 module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
                 if bias is not None:

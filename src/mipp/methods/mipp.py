@@ -122,6 +122,8 @@ class SweepResult:
     remaining: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     # budget mode: per group, unit -> the variance share its removal lost when it was removed
     removed_share: dict[str, dict[int, float]] = field(default_factory=dict)
+    # budget mode: per group, (unit, significant, variance share, removed) of every unit tested, in sweep order
+    tested: dict[str, list[tuple[int, bool, float, bool]]] = field(default_factory=dict)
 
 
 class ConfidenceRule:
@@ -219,7 +221,7 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
     if isinstance(features, Activations):
         features = MeanFeatures(ctx.units, features)
     kept = {g.key: list(range(g.size)) for g in ctx.units.groups}
-    decisions, lost_share, remaining, removed_share = {}, {}, {}, {}
+    decisions, lost_share, remaining, removed_share, tested = {}, {}, {}, {}, {}
     bar = Progress(sum(g.size for g in ctx.units.groups), "MIPP sweep", "unit", leave=False)
     for group in ctx.units.groups:  # already ordered from the output to the input
         bar.status(f"group {group.key}")
@@ -245,6 +247,8 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
             entry.trail = trail
         removed_share[group.key] = {unit: share for unit, _, share, removes in trail
                                     if removes and share is not None}
+        tested[group.key] = [(unit, bool(result.significant), share, removes) for unit, result, share, removes in trail
+                             if share is not None]
         bar.update(sum(r.rank is None for r in records.values()))  # untested: stopped by the collapse guard
         kept[group.key] = sorted(session.kept)
         decisions[group.key] = [records[i] for i in range(group.size)]
@@ -252,7 +256,7 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
             remaining[group.key] = [(u, session.variance_share_lost(u)) for u in session.kept]
     bar.close()
     return SweepResult(kept, decisions, lost_share if rule.prices_units else {}, remaining,
-                       removed_share if rule.prices_units else {})
+                       removed_share if rule.prices_units else {}, tested if rule.prices_units else {})
 
 
 def _sweep_group(session: LayerSession, unit_mi: torch.Tensor, order: str, rule, key: str, floor: int,
@@ -453,6 +457,10 @@ def select_mipp(ctx: PruneContext, budget: Budget | None = None, **options) -> P
     return select(ctx, budget, MIPPSettings(**options))
 
 
+# A price search stops after this many sweeps in a row that come no closer to the budget: the removed fraction
+# then jumps across it between nearly equal prices (one costly unit), which no price resolves; the partial steps
+# and the repair close such gaps.
+STALLED_STEPS = 6
 LOWEST_PRICE = 1e-15  # lost variance share per share of the metric: below any real unit's price
 
 
@@ -466,8 +474,11 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     """Find the price whose sweep removes the budget's fraction; returns the closest sweep and what to record.
 
     First the free sweep (price 0: only insignificant units go). Short of the budget, the price of significant
-    units is bisected on its logarithm; past it (the insignificant units alone are more than the budget), the price
-    of insignificant units is, and no significant unit goes. Where the removed fraction jumps past the target
+    units is searched on its logarithm; past it (the insignificant units alone are more than the budget), the price
+    of insignificant units is, and no significant unit goes. Each sweep's own tests say where the price should go
+    (`_log_price_from_sweep`: past the ratios of the units whose costs close the gap), which lands most searches
+    in one or two sweeps after the free one; while such a step does not halve the gap, regula falsi on the bracket
+    takes over, and the search stops after STALLED_STEPS sweeps that come no closer. Where the removed fraction jumps past the target
     between two nearly equal prices (one channel of a narrow convolution can weigh several % of the MACs, and a
     removal changes the targets of the layers before it, so several can go at once), the last step is taken part
     of the way: at the price that overshoots, only the first n priced removals from the output, n bisected; if that
@@ -497,12 +508,22 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     # gaps at the bracket's ends (None: not swept; the free sweep is the low end unless only insignificant units
     # are priced), and the end the last sweep moved
     low_gap, high_gap, side = (None if insignificant_only else gap), None, 0
-    while abs(best[0]) > budget.tolerance and steps <= settings.max_bisection_steps and high - low > 1e-4:
-        middle = _next_log_price(low, high, low_gap, high_gap)
+    last = (result, math.inf if insignificant_only else 0.0, gap)  # the free sweep removed every insignificant unit
+    stalled, gain = 0, 1.0  # sweeps since the closest gap last shrank; observed / predicted change of a step
+    while abs(best[0]) > budget.tolerance and steps <= settings.max_bisection_steps and high - low > 1e-4 \
+            and stalled < STALLED_STEPS:
+        estimate = _log_price_from_sweep(*last, costs, insignificant_only, gain) if last is not None else None
+        estimated = estimate is not None and low < estimate[0] < high
+        middle = estimate[0] if estimated else _next_log_price(low, high, low_gap, high_gap)
         result, gap, priced = run(math.exp(middle), insignificant_only)
         steps += 1
+        if estimated and (gap - last[2]) / estimate[1] > 0:
+            gain = min(max((gap - last[2]) / estimate[1], 0.1), 10.0)
+        # the sweep's own estimate again while it pays (at least halves the gap), else one step of regula falsi
+        last = (result, math.exp(middle), gap) if not estimated or abs(gap) <= abs(last[2]) / 2 else None
+        stalled += 1
         if abs(gap) < abs(best[0]):
-            best = (gap, result, math.exp(middle), None, None)
+            best, stalled = (gap, result, math.exp(middle), None, None), 0
         if gap < 0:
             low, low_gap = middle, gap
             if side < 0 and high_gap is not None:
@@ -525,14 +546,16 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     if abs(best[0]) > budget.tolerance and best[4] is None and any(0 < c <= fill_cost for c in costs.values()):
         base = best[2]
         low, high = math.log(LOWEST_PRICE), math.log(2.0 / min(c for c in costs.values() if c > 0))
+        stalled = 0
         for _ in range(settings.max_bisection_steps):
-            if abs(best[0]) <= budget.tolerance or high - low <= 1e-4:
+            if abs(best[0]) <= budget.tolerance or high - low <= 1e-4 or stalled >= STALLED_STEPS:
                 break
             middle = (low + high) / 2
             result, gap, _ = run(base, insignificant_only, math.exp(middle))
             steps += 1
+            stalled += 1
             if abs(gap) < abs(best[0]):
-                best = (gap, result, base, math.exp(middle), None)
+                best, stalled = (gap, result, base, math.exp(middle), None), 0
             low, high = (middle, high) if gap < 0 else (low, middle)
     _, result, price, fill_price, cap = best
     topped_up = given_back = 0
@@ -603,6 +626,37 @@ def plan_loss(ctx, features, estimator, settings: MIPPSettings, cache: dict, kep
     removed = {g.key: set(range(g.size)) - set(kept[g.key]) for g in ctx.units.groups}
     result = sweep(ctx, features, estimator, FixedRule(removed), settings.confidence, settings.order, cache)
     return float(sum(result.lost_share.values()))
+
+
+def _log_price_from_sweep(result: SweepResult, price: float, gap: float, costs: dict[str, float],
+                          insignificant_only: bool, gain: float = 1.0) -> tuple[float, float] | None:
+    """(log-price, the change of the removed fraction it predicts) that a sweep at `price`, `gap` off the budget,
+    points to: each priced unit it tested would go at its own ratio of variance share lost to cost. Short of the
+    budget, the price moves past the cheapest ratios of kept units whose costs add up closest to gap / `gain`;
+    past it, below the dearest ratios of removed units that do. `gain` is what the removed fraction changed per
+    unit of predicted change in the search's last such step: costs do not add exactly (two pruned neighbours
+    share MACs) and a removal raises the shares of the units it leaves, so the first step falls short. The search
+    keeps its bracket and turns to regula falsi when a step does not pay. None when no move of the price comes
+    closer (the gap is under half the cheapest such unit's cost) or no priced unit was tested."""
+    ratios = [(max(share / costs[key], LOWEST_PRICE), costs[key]) for key, steps in result.tested.items()
+              if costs[key] > 0 for _, significant, share, _ in steps if significant != insignificant_only]
+    if gap < 0:  # kept units (ratio above the price) join, cheapest ratio first
+        movable = sorted(r for r in ratios if r[0] > price)
+    else:  # removed units (ratio at or below the price) stay, dearest first
+        movable = sorted((r for r in ratios if r[0] <= price), reverse=True)
+    need = abs(gap) / gain
+    moved, total, miss, predicted = 0, 0.0, need, 0.0
+    for n, (_, cost) in enumerate(movable, 1):
+        total += cost
+        if abs(total - need) < miss:
+            moved, miss, predicted = n, abs(total - need), total
+        if total > need:
+            break
+    if moved == 0:
+        return None
+    edge = movable[moved - 1][0]  # the last ratio that moves, and the first that does not (or one beyond)
+    beyond = movable[moved][0] if moved < len(movable) else (edge * 2 if gap < 0 else LOWEST_PRICE)
+    return 0.5 * (math.log(edge) + math.log(beyond)), predicted if gap < 0 else -predicted
 
 
 def _next_log_price(low: float, high: float, low_gap: float | None, high_gap: float | None) -> float:
