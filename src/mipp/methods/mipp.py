@@ -477,8 +477,8 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
     units is searched on its logarithm; past it (the insignificant units alone are more than the budget), the price
     of insignificant units is, and no significant unit goes. Each sweep's own tests say where the price should go
     (`_log_price_from_sweep`: past the ratios of the units whose costs close the gap), which lands most searches
-    in one or two sweeps after the free one; while such a step does not halve the gap, regula falsi on the bracket
-    takes over, and the search stops after STALLED_STEPS sweeps that come no closer. Where the removed fraction jumps past the target
+    in one or two sweeps after the free one; where such a step does not bring the gap a quarter closer, regula falsi
+    on the bracket takes one step, and the search stops after STALLED_STEPS sweeps that come no closer. Where the removed fraction jumps past the target
     between two nearly equal prices (one channel of a narrow convolution can weigh several % of the MACs, and a
     removal changes the targets of the layers before it, so several can go at once), the last step is taken part
     of the way: at the price that overshoots, only the first n priced removals from the output, n bisected; if that
@@ -519,8 +519,9 @@ def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettin
         steps += 1
         if estimated and (gap - last[2]) / estimate[1] > 0:
             gain = min(max((gap - last[2]) / estimate[1], 0.1), 10.0)
-        # the sweep's own estimate again while it pays (at least halves the gap), else one step of regula falsi
-        last = (result, math.exp(middle), gap) if not estimated or abs(gap) <= abs(last[2]) / 2 else None
+        # the sweep's own estimate again while it pays (brings the gap at least a quarter closer), else one step of
+        # regula falsi
+        last = (result, math.exp(middle), gap) if not estimated or abs(gap) <= 0.75 * abs(last[2]) else None
         stalled += 1
         if abs(gap) < abs(best[0]):
             best, stalled = (gap, result, math.exp(middle), None, None), 0
