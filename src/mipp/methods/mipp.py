@@ -324,8 +324,9 @@ CACHED_TARGETS_PER_GROUP = 4  # targets a budget search remembers per group (the
 # opened again when needed (ResNet-50's residual streams, read at several points with 2,048 features, held
 # several GB in four sessions per group). Copying a large cached session costs about what opening it again does,
 # so the bound is small: at 64 MB instead of 512, torchvision's ResNet-50 (512 samples, 50% of MACs) peaked at
-# 2.26 GB instead of 2.52 GB and its selection took 30 s instead of 36 s, VGG-11 w0.5 with patches 23.5 s and
-# 1.09 GB instead of 27.6 s and 1.44 GB (the same plans: the bound never changes a result).
+# 2.17-2.26 GB instead of 2.51-2.52 GB, its selection 30-37 s against 31-36 s (within this machine's noise), and
+# VGG-11 w0.5 with patches at 1.09 GB instead of 1.44 GB, 23.5 s against 27.6 s (the same plans: the bound never
+# changes a result).
 CACHED_SESSION_BYTES = 64 * 2 ** 20
 
 
