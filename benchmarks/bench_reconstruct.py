@@ -1,14 +1,14 @@
 """Selection plus reconstruction on VGG-11 (width 0.5, 2,000 calibration samples), against the capture forward pass.
 
-The reference is one pass of the calibration samples through the unpruned model under torch.no_grad (batches of
-256, as capture runs them), measured in the same run. MIPP selects in budget mode (50% of MACs); reconstruction is
-timed as its statistics pass (before surgery) and its solves (after), for several caps on the sampled output
-positions per image (each reader takes as many as give it `ROWS_PER_FEATURE` rows per patch feature, up to the cap;
-the default is marked), against every reader at the default cap (the rule before), and the sequential re-fit (`reconstruct="sequential"`); batch-norm
-recalibration is timed apart. Every line is a ratio to the
-reference; issue 13 asks for selection plus reconstruction at most 3x. The last column is what the time buys: the
-pruned model's output error against the original on 500 held-out inputs (mean squared error over the output
-variance), without reconstruction and with each setting.
+The reference is one pass of the calibration samples through the unpruned model under torch.no_grad (batches of 256,
+as capture runs them), measured in the same run. MIPP selects in budget mode (50% of MACs); reconstruction is timed
+as its statistics pass (before surgery) and its solves (after), for several caps on the sampled output positions per
+image (each reader takes as many as give it `ROWS_PER_FEATURE` rows per patch feature, up to the cap; the default is
+marked), against every reader at the default cap (the rule before), and the sequential re-fit
+(`reconstruct="sequential"`); batch-norm recalibration is timed apart. Every line is a ratio to the reference; issue
+13 asks for selection plus reconstruction at most 3x. The last column is what the time buys: the pruned model's
+output error against the original on 500 held-out inputs (mean squared error over the output variance), without
+reconstruction and with each setting.
 
 Run: .venv/bin/python benchmarks/bench_reconstruct.py [--samples 2000] [--width 0.5] [--threads 1] [--positions 4,16,32]
 """

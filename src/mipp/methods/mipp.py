@@ -477,17 +477,17 @@ def unit_costs(ctx: PruneContext, metric: str) -> dict[str, float]:
 def _search_price(ctx, features, estimator, budget: Budget, settings: MIPPSettings) -> tuple[SweepResult, dict]:
     """Find the price whose sweep removes the budget's fraction; returns the closest sweep and what to record.
 
-    First the free sweep (price 0: only insignificant units go). Short of the budget, the price of significant
-    units is searched on its logarithm; past it (the insignificant units alone are more than the budget), the price
-    of insignificant units is, and no significant unit goes. Each sweep's own tests say where the price should go
-    (`_log_price_from_sweep`: past the ratios of the units whose costs close the gap), which lands most searches
-    in one or two sweeps after the free one; where such a step does not bring the gap a quarter closer, regula falsi
-    on the bracket takes one step, and the search stops after STALLED_STEPS sweeps that come no closer. Where the removed fraction jumps past the target
-    between two nearly equal prices (one channel of a narrow convolution can weigh several % of the MACs, and a
-    removal changes the targets of the layers before it, so several can go at once), the last step is taken part
-    of the way: at the price that overshoots, only the first n priced removals from the output, n bisected; if that
-    still misses, the costly units keep the closest price and a second price for the cheap units (each at most two
-    tolerances of the budget) is bisected."""
+    First the free sweep (price 0: only insignificant units go). Short of the budget, the price of significant units
+    is searched on its logarithm; past it (the insignificant units alone are more than the budget), the price of
+    insignificant units is, and no significant unit goes. Each sweep's own tests say where the price should go
+    (`_log_price_from_sweep`: past the ratios of the units whose costs close the gap), which lands most searches in
+    one or two sweeps after the free one; where such a step does not bring the gap a quarter closer, regula falsi on
+    the bracket takes one step, and the search stops after STALLED_STEPS sweeps that come no closer. Where the
+    removed fraction jumps past the target between two nearly equal prices (one channel of a narrow convolution can
+    weigh several % of the MACs, and a removal changes the targets of the layers before it, so several can go at
+    once), the last step is taken part of the way: at the price that overshoots, only the first n priced removals
+    from the output, n bisected; if that still misses, the costly units keep the closest price and a second price
+    for the cheap units (each at most two tolerances of the budget) is bisected."""
     cache: dict = {}
     costs = unit_costs(ctx, budget.metric)
 
