@@ -43,7 +43,7 @@ VERIFY_SAMPLES = 8  # calibration samples the surgery is checked on (real inputs
 def make_context(model: nn.Module, data, *, example_input=None, min_units=1, n_samples=2000, seed=0,
                  device=None) -> PruneContext:
     """Trace `model` (the one trace of a prune call) and gather what a method may look at."""
-    example_input = example_input_for(model, example_input).to(model_device(model))
+    example_input = example_input_for(model, example_input)  # on the model's device
     units = find_units(model, example_input)
     cost = CostModel.build(model, units)
     return PruneContext(model, units, data, example_input, cost, min_units=min_units, seed=seed,

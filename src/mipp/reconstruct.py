@@ -392,6 +392,7 @@ def refit_sequentially(original: nn.Module, pruned: nn.Module, plan: Plan, data,
         raise ValueError("sequential reconstruction runs in one process; under torchrun use reconstruct=True")
     readers = _readers_to_refit(original, plan, units)
     device = torch.device(device or next(pruned.parameters()).device)
+    images = calibration_size(data, n_samples)
     modes = original.training, pruned.training
     original.eval(), pruned.eval()
     try:
@@ -401,7 +402,7 @@ def refit_sequentially(original: nn.Module, pruned: nn.Module, plan: Plan, data,
             stats = _empty_statistics(name, original.get_submodule(name), kept_in, kept_out, device)
             stats.output_square = torch.zeros_like(stats.output_sum)
             every_input = torch.arange(len(kept_in))
-            positions = reader_positions(stats, calibration_size(data, n_samples), positions_per_image)
+            positions = reader_positions(stats, images, positions_per_image)
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for batch in calibration_batches(data, n_samples, batch_size, seed):

@@ -245,10 +245,9 @@ def sweep(ctx: PruneContext, features, estimator, rule, confidence: float, order
                                                     bar)
         if entry is not None:
             entry.trail = trail
-        removed_share[group.key] = {unit: share for unit, _, share, removes in trail
-                                    if removes and share is not None}
         tested[group.key] = [(unit, bool(result.significant), share, removes) for unit, result, share, removes in trail
                              if share is not None]
+        removed_share[group.key] = {unit: share for unit, _, share, removes in tested[group.key] if removes}
         bar.update(sum(r.rank is None for r in records.values()))  # untested: stopped by the collapse guard
         kept[group.key] = sorted(session.kept)
         decisions[group.key] = [records[i] for i in range(group.size)]
