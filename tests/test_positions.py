@@ -30,11 +30,12 @@ def test_patches_and_outputs_are_the_convs_own_samples(stride, padding, dilation
     (reader,) = moments["0"]
     assert reader.reader == "2" and (reader.n_units, reader.f, reader.n_outputs) == (5, 9, 4)
     assert reader.images == 64 and reader.positions == 8
-    cov = reader.moments.covariance()
+    joint = reader.joint()
+    cov = joint.covariance()
     width = reader.n_units * reader.f
     weights = torch.linalg.solve(cov[:width, :width], cov[:width, width:]).T
     torch.testing.assert_close(weights.float(), model[2].weight.detach().reshape(4, -1), atol=1e-4, rtol=1e-4)
-    bias = reader.moments.mean[width:] - weights @ reader.moments.mean[:width]
+    bias = joint.mean[width:] - weights @ joint.mean[:width]
     torch.testing.assert_close(bias.float(), model[2].bias.detach(), atol=1e-4, rtol=1e-4)
 
 
@@ -339,12 +340,19 @@ def test_derived_outputs_equal_the_measured_ones_and_are_exactly_linear(monkeypa
     monkeypatch.setattr(positions, "linear_map", lambda module, columns: None)  # measured, in float64
     measured = capture_reader_moments(model, ctx.units, data, n_samples=96, positions_per_image=8)["0"][0]
     assert measured.linear is None
-    a, b = derived.moments.covariance(), measured.moments.covariance()
+    a, b = derived.joint().covariance(), measured.joint().covariance()
     assert float((a - b).abs().max() / b.abs().max()) < 1e-5
     assert derived.effective_samples == measured.effective_samples
     width = derived.n_units * derived.f
     residual = a[width:, width:] - a[width:, :width] @ torch.linalg.solve(a[:width, :width], a[:width, width:])
     assert float(residual.diagonal().abs().max() / a[width:, width:].diagonal().max()) < 1e-10
+    # only the features' moments are held; any subset of outputs is derived as the same slice of the whole
+    assert derived.moments.dim == width and measured.moments.dim == width + derived.n_outputs
+    for reader in (derived, measured):
+        whole, part = reader.joint(), reader.joint([1, 3])
+        index = torch.tensor(list(range(width)) + [width + 1, width + 3])
+        torch.testing.assert_close(part.scatter, whole.scatter[index][:, index], rtol=1e-12, atol=0)
+        torch.testing.assert_close(part.mean, whole.mean[index], rtol=1e-12, atol=0)
 
 
 def test_only_a_convolution_reading_one_group_alone_gets_derived_outputs():

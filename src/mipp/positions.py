@@ -13,9 +13,10 @@ joint Gaussian moments of [unit features (unit-major), reader output] in float64
 themselves), plus what an effective sample size needs. Where a convolution reads this group and nothing else (the
 common case), its output is exactly W x + b of the features, so only the features' moments are accumulated (each
 batch's centred products in float32, about twice as fast, merged in float64) and the output's are derived from the
-reader's weights in float64 (`ReaderMoments.derive_outputs`): the relation is then exact in the moments, as in the
-network, and the output's columns cost nothing in the pass. Linear readers, a convolution that also reads other
-groups (a concatenation) and grouped convolutions have features and measured output accumulated in float64.
+reader's weights in float64 whenever they are needed (`ReaderMoments.joint`): the relation is then exact in the
+moments, as in the network, and the output's columns cost nothing in the pass nor in memory. Linear readers, a
+convolution that also reads other groups (a concatenation) and grouped convolutions have features and measured
+output accumulated in float64.
 
 Positions of one image are correlated, so they are not independent samples: the chi-squared test uses
 n_eff = N P / (1 + (P - 1) rho), Kish's design effect for clusters of P positions, with rho the intra-image
@@ -64,7 +65,7 @@ class ReaderMoments:
     # for the intra-image correlation of the outputs: per channel, sum over images of P * (image mean)^2
     between: torch.Tensor | None = None
     # (weight, bias) in float64 when the output is exactly weight @ features + bias (the reader reads this group
-    # and nothing else): only the features' moments are accumulated, the output's are derived (`derive_outputs`)
+    # and nothing else): only the features' moments are accumulated and held, the output's derived (`joint`)
     linear: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -73,10 +74,8 @@ class ReaderMoments:
         if self.positions <= 1 or self.images < 2 or self.between is None:
             return 0.0
         n, p = self.images, self.positions
-        count, total, outer = self.moments.as_sums()
-        out = slice(self.n_units * self.f, None)
-        grand = total[out] ** 2 / count
-        ss_total = outer.diagonal()[out] - grand
+        output_mean, ss_total = self._output_mean_and_spread()
+        grand = self.moments.count * output_mean ** 2
         ss_between = self.between - grand
         ms_between = ss_between / (n - 1)
         ms_within = (ss_total - ss_between).clamp_min(0) / (n * (p - 1))
@@ -84,6 +83,14 @@ class ReaderMoments:
         rho = torch.where(denominator > 0, (ms_between - ms_within) / denominator.clamp_min(1e-300),
                           torch.ones_like(denominator))
         return float(rho.clamp(0.0, 1.0).mean())
+
+    def _output_mean_and_spread(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per output channel, its mean and its scatter (n x variance) over the samples, float64."""
+        width, moments = self.n_units * self.f, self.moments
+        if self.linear is None:
+            return moments.mean[width:], moments.scatter.diagonal()[width:]
+        weight, bias = self.linear
+        return weight @ moments.mean + bias, ((weight @ moments.scatter) * weight).sum(1)
 
     @property
     def effective_samples(self) -> int:
@@ -115,7 +122,7 @@ class ReaderMoments:
 
     @property
     def captured_dim(self) -> int:
-        """Columns of the accumulated moments before `derive_outputs`: features, plus outputs unless derived."""
+        """Columns of the accumulated moments: features, plus outputs unless `joint` derives them."""
         return self.n_units * self.f + (0 if self.linear is not None else self.n_outputs)
 
     def add(self, features: torch.Tensor, outputs: torch.Tensor, per_image: int) -> None:
@@ -131,19 +138,34 @@ class ReaderMoments:
         self.images += n
         self.positions = per_image
 
-    def derive_outputs(self) -> None:
-        """Complete the features' moments with the output's, from the reader's own linear map y = W x + b:
-        mean W m + b, cross scatter S W^T, output scatter W S W^T (float64). The output is then an exact linear
-        function of the features in the moments, as it is in the network."""
-        if self.linear is None or self.moments.count == 0 or self.moments.dim != self.n_units * self.f:
-            return
-        weight, bias = self.linear
-        mean, scatter = self.moments.mean, self.moments.scatter
-        cross = scatter @ weight.T
-        joint_mean = torch.cat([mean, weight @ mean + bias])
-        joint = torch.cat([torch.cat([scatter, cross], 1), torch.cat([cross.T, weight @ cross], 1)], 0)
-        self.moments = GaussianMoments._from_parts(self.moments.count, joint_mean, 0.5 * (joint + joint.T))
+    def joint(self, outputs: torch.Tensor | list[int] | None = None) -> GaussianMoments:
+        """The moments of [every unit feature, the reader's outputs `outputs` (ascending; default all)], in float64.
 
+        Where the output is exactly W x + b of the features (`linear`), its moments are derived here from the
+        features' (mean W m + b, cross scatter S W^T, output scatter W S W^T) rather than held: a reader with many
+        outputs (ResNet-50's expanding 1 x 1 convolutions: 512 features, 2,048 outputs) would hold an output block
+        several times the size of its features' for the whole selection. The output is then an exact linear
+        function of the features in these moments, as it is in the network."""
+        moments, width = self.moments, self.n_units * self.f
+        if moments.count == 0:
+            return moments
+        chosen = (torch.arange(self.n_outputs) if outputs is None
+                  else torch.as_tensor(outputs, dtype=torch.long).reshape(-1))
+        if self.linear is None:
+            if outputs is None:
+                return moments
+            index = torch.cat([torch.arange(width), width + chosen])
+            return GaussianMoments._from_parts(moments.count, moments.mean[index], moments.scatter[index][:, index])
+        weight, bias = self.linear[0][chosen], self.linear[1][chosen]
+        cross = moments.scatter @ weight.T
+        joint = torch.empty(width + len(chosen), width + len(chosen), dtype=moments.scatter.dtype)
+        joint[:width, :width] = moments.scatter
+        joint[:width, width:] = cross
+        joint[width:, :width] = cross.T
+        output = weight @ cross
+        joint[width:, width:] = 0.5 * (output + output.T)
+        return GaussianMoments._from_parts(moments.count, torch.cat([moments.mean, weight @ moments.mean + bias]),
+                                           joint)
 
 def linear_map(module: nn.Module, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(W, b) with the reader's output = W @ [features of `columns`, unit-major as the samples lay them out] + b,
@@ -264,7 +286,6 @@ def reader_moment_hooks(model: nn.Module, units: UnitGraph, data, *, positions_p
             if not bool(torch.isfinite(stats.moments.scatter).all()):
                 raise ValueError(f"the inputs of reader {stats.reader!r} (group {stats.group!r}) are not finite on "
                                  "the calibration data: check the data and the model's weights for NaN or inf")
-            stats.derive_outputs()
         return collected
     return handles, on_skip, finish
 

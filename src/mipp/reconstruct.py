@@ -305,8 +305,8 @@ def _from_moments(statistics: dict[str, ReaderStatistics], moments: dict[str, li
         index = None if found is None else found.feature_index(stats.kept_inputs)
         if index is None or len(index) != stats.gram.shape[0]:
             continue
-        count, total, outer = found.moments.as_sums()
-        outputs = found.n_units * found.f + stats.kept_outputs
+        count, total, outer = found.joint(stats.kept_outputs.cpu()).as_sums()
+        outputs = found.n_units * found.f + torch.arange(len(stats.kept_outputs))
         device = stats.gram.device
         stats.gram.copy_(outer[index][:, index].to(device))
         stats.cross.copy_(outer[index][:, outputs].to(device))

@@ -114,12 +114,11 @@ class PositionFeatures:
             _, columns = self._kept_outputs(reader, kept)
             width = reader.n_units * reader.f
             outputs = list(columns) if columns else list(range(reader.n_outputs))
-            index = torch.tensor(list(range(width)) + [width + c for c in outputs], dtype=torch.long)
-            # computed at each opening (a division of the scatter, cheap beside the factorisation) rather than held
-            # beside the moments, which would double their memory
-            cov = reader.moments.covariance()[index][:, index]
+            # computed at each opening, on the kept outputs only (a division of the scatter, and where the outputs
+            # are derived two products, cheap beside the factorisation) rather than held beside the moments
+            cov = reader.joint(outputs if columns else None).covariance()
             ridge = rank_deficient_ridge(reader.moments.count, width, estimator.ridge)  # as the estimator's own
-            blocks = [(list(range(width)), ridge), (list(range(width, len(index))), estimator.target_ridge)]
+            blocks = [(list(range(width)), ridge), (list(range(width, cov.shape[0])), estimator.target_ridge)]
             cov = regularise(cov, blocks, estimator.floor, estimator.ridge_scale)
             key = (reader.group, reader.reader)
             weights = self.output_weights.get(reader.reader)
