@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # These machines pin the local CPU build of torch; elsewhere set TORCH_SPEC to your own (e.g. TORCH_SPEC=torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-all test-zoo bench data clean
+.PHONY: demo test test-all test-zoo zoo-report bench data clean
 
 $(BIN)/mipp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ $(ZOO_VENV)/bin/pytest: pyproject.toml
 
 test-zoo: $(ZOO_VENV)/bin/pytest
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(ZOO_VENV)/bin/python -m pytest -m zoo tests/test_zoo.py $(ZOO_ARGS)
+
+# The zoo architecture by architecture, resumable, with time and memory per architecture: docs/zoo.md.
+zoo-report: $(ZOO_VENV)/bin/pytest
+	$(ZOO_VENV)/bin/python scripts/zoo.py --jobs $${ZOO_JOBS:-2} --out runs/zoo --table docs/zoo.md $(ZOO_ARGS)
 
 bench: $(BIN)/mipp
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
