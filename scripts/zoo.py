@@ -11,7 +11,7 @@ ViT-H/14 peak at 22 GB.
 The table (`--table`, markdown) gives per architecture its parameters, each run's outcome and seconds (the setup,
 one trace of the model shared by the four runs, apart), the wall time and the peak resident memory of its process.
 
-Run in the zoo environment: .venv-zoo/bin/python scripts/zoo.py [--jobs 2] [--only resnet18,vgg11] [--limit 1500]
+Run in the zoo environment: .venv-zoo/bin/python scripts/zoo.py [--jobs 2] [--only resnet18,vgg11] [--limit 1800]
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def table(found: list[tuple[str, int]], out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="architectures at a time (one thread each)")
-    parser.add_argument("--limit", type=float, default=1500.0, help="seconds per architecture's four runs")
+    parser.add_argument("--limit", type=float, default=1800.0, help="seconds per architecture's four runs")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo", help="folder of the logs")
     parser.add_argument("--table", type=Path, default=None, help="write the markdown table here too")
     parser.add_argument("--only", default="", help="comma-separated architectures (default: every one)")
