@@ -6,7 +6,7 @@ pytest process per architecture (one torch thread each), `--jobs` at a time, wit
 and keeps each one's output in `--out` (`ARCH.log`). An architecture whose log records a finished run of the same
 commit is not run again (unless a shorter time limit stopped it), so an interrupted run resumes where it stopped.
 Architectures over `--alone-over` parameters run after the others, one at a time: the test's float64 copies of
-ViT-H/14 peak at 22 GB.
+ViT-H/14 peak at 20-22 GB.
 
 The table (`--table`, markdown) gives per architecture its parameters, each run's outcome and seconds (the setup,
 one trace of the model shared by the four runs, apart), the wall time and the peak resident memory of its process.
