@@ -145,19 +145,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"not torchvision classification builders: {', '.join(sorted(unknown))}")
         found = [(name, params) for name, params in found if name in wanted]
     args.out.mkdir(parents=True, exist_ok=True)
-    revision = commit()
-    todo = []
     if args.report:
-        found_text = table(found, args.out)
-        print(found_text)
-        write_table(args, found_text)
+        text = table(found, args.out)
+        print(text)
+        write_table(args, text)
         return 0
-    for name, params in found:
-        record = read_log(args.out / f"{name}.log")
-        if record is None or record["commit"] != revision or (record["timed_out"] and record["limit"] < args.limit):
-            todo.append((name, params))  # not run at this commit, or stopped by a shorter limit than this one
-    def expected_seconds(item):  # the longest first, so that the last ones to finish are short: a previous
-        record = read_log(args.out / f"{item[0]}.log")  # log's wall time where there is one, else the parameters
+    revision = commit()
+    records = {name: read_log(args.out / f"{name}.log") for name, _ in found}
+    todo = [(name, params) for name, params in found  # not run at this commit, or cut by a shorter time limit
+            if records[name] is None or records[name]["commit"] != revision
+            or (records[name]["timed_out"] and records[name]["limit"] < args.limit)]
+
+    def expected_seconds(item):  # the longest first, so that the last to finish are short: a previous log's wall
+        record = records[item[0]]  # time where there is one, else the parameters
         return (record["wall"] if record else 0.0, item[1])
 
     shared = sorted((t for t in todo if t[1] <= args.alone_over), key=expected_seconds, reverse=True)
