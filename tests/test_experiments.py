@@ -142,6 +142,19 @@ def test_inapplicable_methods_are_skipped_with_a_reason(tmp_path):
     assert "needs a target" in status["random", "init"][1]
 
 
+def test_a_method_entry_can_name_the_regimes_it_runs_in():
+    config = SweepConfig(**{**TINY, "methods": [{"name": "tp-l1", "regimes": ["trained"]}, "random"],
+                            "targets": [0.5], "seeds": [0]})
+    runs = expand(config)
+    assert sorted((r.method["label"], r.regime) for r in runs) == [
+        ("random", "init"), ("random", "trained"), ("tp-l1", "trained")]
+    everywhere = expand(SweepConfig(**{**TINY, "methods": ["tp-l1"], "targets": [0.5], "seeds": [0]}))
+    trained = [r for r in everywhere if r.regime == "trained"]
+    assert [r.run_id for r in runs if r.method["label"] == "tp-l1"] == [r.run_id for r in trained]  # same ids
+    with pytest.raises(ValueError, match="unknown regime"):
+        expand(SweepConfig(**{**TINY, "methods": [{"name": "random", "regimes": ["pretrained"]}]}))
+
+
 def test_run_ids_are_stable_and_ignore_budgets_paths_and_device():
     runs = expand(SweepConfig(**TINY))
     assert len(runs) == N_RUNS and len({r.run_id for r in runs}) == N_RUNS

@@ -10,8 +10,10 @@ Entries may be short names or dicts:
   models   "lenet5" | {"name": "vgg11", "width": 0.25, ...build_model extras}   ("planted": the planted network)
   data     "fashion-mnist" | {"name": ..., "limit": 5000, "options": {...}, "deform": {"seed": 0, ...} or true}
            (a network with planted weights runs on its own data, named like it: "planted")
-  methods  "random" | {"name": "mipp", "label": "mipp-ksg", "options": {...}, "targets": [null], "n_samples": 1000}
-           ("all": every method; targets and n_samples, when given, replace the sweep's for that entry)
+  methods  "random" | {"name": "mipp", "label": "mipp-ksg", "options": {...}, "targets": [null], "n_samples": 1000,
+                       "regimes": ["init"]}
+           ("all": every method; targets, n_samples and regimes, when given, replace the sweep's for that entry:
+           a method designed for one regime, such as SNIP at initialisation, need not be run in the other)
 A target is a fraction of `metric` to remove; null lets the method decide (MIPP's confidence mode).
 finetune_epochs is a list of budgets for every regime, or a dict regime -> list (training a net pruned at
 initialisation usually needs more epochs than fine-tuning a pruned trained one); budget 0 is always recorded.
@@ -183,10 +185,14 @@ def method_specs(entries) -> list[dict]:
     specs = []
     for entry in entries:
         spec = {"name": entry} if isinstance(entry, str) else dict(entry)
-        unknown = sorted(set(spec) - {"name", "label", "options", "targets", "n_samples"})
+        unknown = sorted(set(spec) - {"name", "label", "options", "targets", "n_samples", "regimes"})
         if unknown:
             raise ValueError(f"unknown method key(s) {unknown}; a method entry takes name, label, options, targets, "
-                             "n_samples")
+                             "n_samples, regimes")
+        bad = sorted(set(spec.get("regimes", REGIMES)) - set(REGIMES))
+        if bad:
+            raise ValueError(f"method {spec.get('label', spec.get('name'))!r} has unknown regime(s) {bad}; choose "
+                             f"from {REGIMES}")
         get_method(spec.get("name"))  # raises for an unknown method, naming the valid ones
         spec.setdefault("label", spec["name"])
         spec["options"] = dict(spec.get("options") or {})
@@ -238,6 +244,8 @@ def expand(config: SweepConfig) -> list[RunSpec]:
             for seed in config.seeds:
                 for regime in config.regimes:
                     for method in method_specs(config.methods):
+                        if regime not in method.get("regimes", REGIMES):
+                            continue
                         entry = {k: method[k] for k in ("name", "label", "options")}
                         mine = {**settings, "n_samples": int(method.get("n_samples", settings["n_samples"]))}
                         for target in method.get("targets", targets):
