@@ -3,7 +3,7 @@
 #   bash scripts/protocol.sh 0 2 &  bash scripts/protocol.sh 1 2 &  wait
 #   .venv/bin/mipp report --runs results/* --out docs --readme README.md
 # Resumable: rerun the same command after an interruption; finished runs are skipped, never recomputed.
-# Sized to this machine (2 cores, no GPU): about 31 CPU-hours in all, so about 16 hours with both cores, over
+# Sized to this machine (2 cores, no GPU): about 33 CPU-hours in all, so about 17 hours with both cores, over
 # several sessions (each config's comment gives its share). As first configured (every net on the full training set,
 # the Torch-Pruning criteria also at initialisation, ResNet-18 also at equal parameters) it would have taken about
 # 400 CPU-hours, ResNet-18's 5-epoch fine-tuning on 60,000 images alone most of it; so VGG-11 and ResNet-18 train

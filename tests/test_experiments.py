@@ -395,6 +395,54 @@ def test_shards_split_the_runs_and_never_share_a_base_model():
     assert owners[0] and owners[1] and not owners[0] & owners[1]
 
 
+# the planted network has units its confidence mode removes (the tiny MLP keeps every unit)
+MATCHED = dict(name="matched", models=["planted"], data=["planted"], regimes=["trained"], finetune_epochs=[0],
+               seeds=[0, 1], latency=False,
+               methods=[{"name": "mipp", "label": "mipp-x0.9", "options": {"confidence": 0.9}, "targets": [None]},
+                        {"name": "random", "targets": ["as:mipp-x0.9"]},
+                        {"name": "magnitude-l1", "targets": [{"as": "mipp-x0.9"}]}])
+
+
+def test_matched_targets_remove_what_the_run_they_match_removed(tmp_path):
+    runs = expand(SweepConfig(**MATCHED))
+    references = {r.seed: r.run_id for r in runs if r.method["label"] == "mipp-x0.9"}
+    matched = [r for r in runs if r.method["label"] != "mipp-x0.9"]
+    assert all(r.target == {"as": "mipp-x0.9", "run": references[r.seed]} for r in matched)
+    assert all(runs.index(r) > runs.index(next(m for m in runs if m.run_id == references[r.seed])) for r in matched)
+    for index in range(2):  # a matched run goes to the shard of the run it matches
+        from mipp.experiments.runner import shard_runs
+
+        mine = shard_runs(runs, index, 2)
+        assert {r.target["run"] for r in mine if isinstance(r.target, dict)} <= {r.run_id for r in mine}
+    counts = run_sweep(SweepConfig(**MATCHED), tmp_path, progress=False)
+    assert counts["done"] == 6, counts
+    records = {(r.method, r.seed): r for r in ResultStore(tmp_path).records()}
+    for seed in (0, 1):
+        chose = records["mipp-x0.9", seed]
+        assert chose.target is None and 0 < chose.removed["units"] < 1
+        for label in ("random", "magnitude-l1"):
+            record = records[label, seed]
+            assert record.matched == {"label": "mipp-x0.9", "run_id": chose.run_id}
+            assert record.target == chose.removed["units"]
+            assert abs(record.removed["units"] - chose.removed["units"]) <= 0.03
+    report.build_report([tmp_path], tmp_path / "report")
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "## Every baseline at the sparsity MIPP chose" in text and "`mipp-x0.9`" in text
+    pairs = statistics.matched_differences(
+        statistics.run_rows(ResultStore(tmp_path).records(), ["pruned"]), ["pruned"])
+    assert {(p["reference"], p["baseline"], p["n"]) for p in pairs} == {("mipp-x0.9", "random", 2),
+                                                                        ("mipp-x0.9", "magnitude-l1", 2)}
+
+
+def test_matched_targets_name_a_label_with_one_target_per_seed():
+    with pytest.raises(ValueError, match="names no method label"):
+        expand(SweepConfig(**{**MATCHED, "methods": ["mipp", {"name": "random", "targets": ["as:mipp-x0.9"]}]}))
+    with pytest.raises(ValueError, match="exactly one target"):
+        expand(SweepConfig(**{**MATCHED, "methods": ["mipp", {"name": "random", "targets": ["as:mipp"]}]}))
+    with pytest.raises(ValueError, match="matched target"):
+        expand(SweepConfig(**{**MATCHED, "methods": ["mipp", {"name": "random", "targets": [{"as": 3}]}]}))
+
+
 def test_committed_result_stores_are_not_git_ignored():
     """Run records under results/<store>/runs are committed; an ignore rule for runs/ once swallowed them all."""
     import shutil

@@ -14,7 +14,10 @@ Entries may be short names or dicts:
                        "regimes": ["init"]}
            ("all": every method; targets, n_samples and regimes, when given, replace the sweep's for that entry:
            a method designed for one regime, such as SNIP at initialisation, need not be run in the other)
-A target is a fraction of `metric` to remove; null lets the method decide (MIPP's confidence mode).
+A target is a fraction of `metric` to remove; null lets the method decide (MIPP's confidence mode); {"as": LABEL}
+(or "as:LABEL") removes what the run of the method labelled LABEL removed, on the same base model (same model, data,
+seed and regime): every baseline at the sparsity MIPP's confidence mode chose, with no interpolation. LABEL must run
+one target per seed and regime; the matched run's identity holds that run's id, and it runs after it.
 finetune_epochs is a list of budgets for every regime, or a dict regime -> list (training a net pruned at
 initialisation usually needs more epochs than fine-tuning a pruned trained one); budget 0 is always recorded.
 """
@@ -90,7 +93,7 @@ class RunSpec:
     seed: int
     regime: str
     method: dict  # {"name", "label", "options"}
-    target: float | None
+    target: float | dict | None  # a fraction, None (the method decides) or {"as": label, "run": run_id} (matched)
     metric: str
     settings: dict  # n_samples, min_units, train, train_epochs, finetune, train_eval_n
     finetune_epochs: tuple = (0,)  # not part of the identity
@@ -203,9 +206,16 @@ def method_specs(entries) -> list[dict]:
     return specs
 
 
-def _target(value) -> float | None:
+def _target(value) -> float | dict | None:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
         return None
+    if isinstance(value, str) and value.startswith("as:"):
+        value = {"as": value[3:]}
+    if isinstance(value, dict):
+        if set(value) != {"as"} or not isinstance(value.get("as"), str) or not value["as"]:
+            raise ValueError(f"a matched target is {{\"as\": LABEL}} (or \"as:LABEL\") naming a method label of "
+                             f"the sweep, got {value!r}")
+        return dict(value)
     value = float(value)
     if not 0.0 < value < 1.0:
         raise ValueError(f"a target is a fraction in (0, 1) (or null for MIPP's own choice), got {value}")
@@ -251,7 +261,41 @@ def expand(config: SweepConfig) -> list[RunSpec]:
                         for target in method.get("targets", targets):
                             runs.append(RunSpec(model, data, int(seed), regime, entry, _target(target),
                                                 config.metric, mine, budgets[regime]))
-    return runs
+    return _matched_after_their_references(runs)
+
+
+def _matched_after_their_references(runs: list[RunSpec]) -> list[RunSpec]:
+    """Give each run with a matched target ({"as": LABEL}) the id of the run it matches (same model, data, seed and
+    regime, method label LABEL, in its identity) and move it after the last run of its model, data and seed."""
+    def place(run):
+        return (stable_hash(run.model), stable_hash(run.data), run.seed)
+
+    by_label: dict[tuple, list[RunSpec]] = {}
+    for run in runs:
+        by_label.setdefault(place(run) + (run.regime, run.method["label"]), []).append(run)
+    labels = {run.method["label"] for run in runs}
+    plain, matched = [], {}
+    for run in runs:
+        if not isinstance(run.target, dict):
+            plain.append(run)
+            continue
+        label = run.target["as"]
+        if label not in labels:
+            raise ValueError(f"target as:{label} of {run.method['label']!r} names no method label of this sweep; "
+                             f"labels: {sorted(labels)}")
+        found = by_label.get(place(run) + (run.regime, label), [])
+        if len(found) != 1 or isinstance(found[0].target, dict):
+            raise ValueError(f"target as:{label} needs {label!r} to run exactly one target of its own per seed and "
+                             f"regime; it runs {len(found)} in the {run.regime} regime (give it one, e.g. "
+                             "\"targets\": [null])")
+        run.target = {"as": label, "run": found[0].run_id}
+        matched.setdefault(place(run), []).append(run)
+    ordered = []
+    for i, run in enumerate(plain):
+        ordered.append(run)
+        if i + 1 == len(plain) or place(plain[i + 1]) != place(run):
+            ordered += matched.pop(place(run), [])
+    return ordered + [run for rest in matched.values() for run in rest]
 
 
 def _budgets(spec, regime: str) -> tuple[int, ...]:

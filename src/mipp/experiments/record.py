@@ -30,11 +30,12 @@ class RunRecord:
     method: Optional[str] = None
     method_name: Optional[str] = None  # the registered method the label runs
     regime: Optional[str] = None
-    target: Optional[float] = None
+    target: Optional[float] = None  # a matched run's: the fraction it was given (what the run it matches removed)
     metric: Optional[str] = None
     seed: Optional[int] = None
     config: Optional[dict] = None  # the run's identity (RunSpec.identity)
     versions: Optional[dict] = None
+    matched: Optional[dict] = None  # a run at another run's sparsity: {"label", "run_id"} of that run
     traceback: Optional[str] = None  # of a failed run
     base: Optional[dict] = None  # the unpruned model: test_accuracy, params, macs, dir
     plan: Optional[dict] = None  # Plan.to_dict() without decisions, stats and versions

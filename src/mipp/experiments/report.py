@@ -2,8 +2,9 @@
 
     OUT/results.md     per model and data set: accuracy (mean ± std over seeds) per method and target, MIPP against
                        each baseline, and the figures; then selection cost, the planted network, skipped runs
-    OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), winloss and
-                       winloss_levels, cost, planted
+    OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), paired and
+                       matched (MIPP against each baseline, at equal targets and at the sparsity MIPP chose), missed,
+                       winloss and winloss_levels, cost, planted
     (with --latency FILE, a table of measured latency, from benchmarks/bench_latency.py, and OUT/tables/latency.csv)
     OUT/figures/*.png  accuracy vs sparsity, layer collapse per 5% bin, per-layer kept fraction / network's kept
                        fraction, accuracy vs fine-tuning budget, selection cost
@@ -81,13 +82,17 @@ def build_report(dirs, out, *, reference: str = REFERENCE, layer_target: float =
     if not done:
         raise ValueError(f"no finished runs in {', '.join(map(str, dirs))}: run `mipp sweep` first")
     stages = statistics.stage_names(done)
-    rows = statistics.run_rows(done, stages)
+    every_row = statistics.run_rows(done, stages)
+    matched = statistics.matched_differences(every_row, stages)
+    # runs at another run's sparsity have a target of their own per seed: compared in their own section only
+    done = [r for r in done if not r.matched]
+    rows = [r for r in every_row if not r["matched"]]
     summary = statistics.summarize(rows, stages)
     levels, counts = statistics.win_loss(summary, stages, reference, tie)
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
     deformed = statistics.deformed_rows(summary, stages)
     pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
-    csvs = {"runs": rows, "paired": pairs, "missed": missed, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
+    csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
             "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed],
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
@@ -98,6 +103,7 @@ def build_report(dirs, out, *, reference: str = REFERENCE, layer_target: float =
     atomic_write_text(out / "findings.md", found)
     md.append("\n## Findings\n\nThe same list the README carries (from the paired comparison below).\n\n" + found)
     md.append(tables.paired_section(pairs, stages))
+    md.append(tables.matched_section(matched, stages))
     md.append(tables.missed_section(missed))
     if counts:
         md.append(tables.verdict_section(counts, stages))

@@ -186,7 +186,7 @@ class Runner:
         try:
             with PeakMemory(device=self.device) as memory:
                 started = time.perf_counter()
-                plan = select_plan(base, splits.train, method=run.method["name"], budget=run.target,
+                plan = select_plan(base, splits.train, method=run.method["name"], budget=self.budget(run),
                                    metric=run.metric, min_units=run.settings["min_units"],
                                    n_samples=run.settings["n_samples"], seed=run.seed, example_input=splits.example,
                                    device=None if self.device.type == "cpu" else str(self.device),
@@ -203,6 +203,8 @@ class Runner:
             scores[WITHOUT_RECONSTRUCTION] = self.scores(pruned_copy(run, splits, base, plan, reconstruct=False),
                                                          splits)
         record = header(run, "partial")
+        if isinstance(run.target, dict):
+            record.target = self.budget(run)
         record.base = {"test_accuracy": base_metrics["test_accuracy"], "params": count_params(base),
                        "macs": count_macs(base, splits.example),
                        "dir": str(self.store.base_dir(run).name) if run.regime == "trained" else None}
@@ -232,6 +234,21 @@ class Runner:
             record.planted = truth.recovery(plan.kept)
         record.collapse = collapse(record, splits.num_classes)
         return record
+
+    def budget(self, run: RunSpec) -> float | None:
+        """The run's target; for a matched one, the fraction of its metric that the run it matches removed."""
+        if not isinstance(run.target, dict):
+            return run.target
+        label, reference = run.target["as"], self.store.get(run.target["run"])
+        if reference is None or reference.status in ("partial", None):
+            raise RuntimeError(f"this run removes what the {label!r} run {run.target['run']} removed, which has not "
+                               "finished: run the sweep again (matched runs follow the runs they match)")
+        if reference.status != "done":
+            raise NotApplicable(f"the {label!r} run it matches ({run.target['run']}) is {reference.status}")
+        reached = reference.removed[run.metric]
+        if not 0.0 < reached < 1.0:
+            raise NotApplicable(f"the {label!r} run it matches removed {100 * reached:g}% of {run.metric}")
+        return reached
 
     def _finetune(self, run: RunSpec, splits: Splits, base, record: RunRecord, epochs: int) -> dict:
         from mipp.train import TrainConfig, fit
@@ -290,9 +307,11 @@ def pruned_copy(run: RunSpec, splits: Splits, base: torch.nn.Module, plan: Plan,
 
 def header(run: RunSpec, status: str, reason: str | None = None) -> RunRecord:
     """A record of `run` with only what the run is: the results come later."""
+    matched = isinstance(run.target, dict)
     return RunRecord(run_id=run.run_id, status=status, reason=reason, **run.labels, method_name=run.method["name"],
-                     regime=run.regime, target=run.target, metric=run.metric, seed=run.seed, config=run.identity(),
-                     versions=run_versions())
+                     regime=run.regime, target=None if matched else run.target, metric=run.metric, seed=run.seed,
+                     config=run.identity(), versions=run_versions(),
+                     matched={"label": run.target["as"], "run_id": run.target["run"]} if matched else None)
 
 
 def latency(model, example: torch.Tensor) -> dict:
@@ -371,7 +390,8 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
 def run_name(run: RunSpec) -> str:
     """'lenet5 fashion-mnist trained mipp at 0.7 of macs, seed 0': what a progress line calls a run."""
     labels = run.labels
-    target = "confidence mode" if run.target is None else f"at {run.target} of {run.metric}"
+    target = ("confidence mode" if run.target is None else f"at the {run.metric} of {run.target['as']}"
+              if isinstance(run.target, dict) else f"at {run.target} of {run.metric}")
     return f"{labels['model']} {labels['data']} {run.regime} {labels['method']} {target}, seed {run.seed}"
 
 
@@ -379,15 +399,15 @@ def shard_runs(runs: list[RunSpec], index: int, count: int) -> list[RunSpec]:
     """Shard `index` of `count`: runs at initialisation round-robin, trained runs by base model (round-robin over the
     base models), so that no base model is trained by two processes."""
     bases = list(dict.fromkeys(stable_hash(r.base_identity()) for r in runs if r.regime == "trained"))
-    mine, position = [], 0
+    owners, position = {}, 0
     for run in runs:
-        if run.regime == "trained":
-            owner = bases.index(stable_hash(run.base_identity())) % count
+        if isinstance(run.target, dict):  # with the run it matches, which comes before it
+            owners[run.run_id] = owners[run.target["run"]]
+        elif run.regime == "trained":
+            owners[run.run_id] = bases.index(stable_hash(run.base_identity())) % count
         else:
-            owner, position = position % count, position + 1
-        if owner == index:
-            mine.append(run)
-    return mine
+            owners[run.run_id], position = position % count, position + 1
+    return [run for run in runs if owners[run.run_id] == index]
 
 
 def _outcome(record: RunRecord) -> str:

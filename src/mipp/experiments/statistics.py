@@ -35,7 +35,8 @@ def run_rows(records, stages) -> list[dict]:
     rows = []
     for r in records:
         row = {"run_id": r.run_id, "model": r.model, "data": r.data, "regime": r.regime, "method": r.method,
-               "method_name": r.method_name, "metric": r.metric, "target": r.target, "seed": r.seed}
+               "method_name": r.method_name, "metric": r.metric, "target": r.target, "seed": r.seed,
+               "matched": r.matched["label"] if r.matched else None}
         row.update({f"{m}_removed": r.removed[m] for m in ("units", "params", "macs")})
         row["base_accuracy"] = r.base["test_accuracy"]
         for stage in stages:
@@ -190,8 +191,6 @@ def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
     interval: "ahead" (it lies above 0), "behind" (below 0), "even" (it holds 0), or "n<2" (one seed: no interval).
     Every MIPP variant (method_name "mipp" with a target) is a reference; runs that miss their target by more than
     MISS are left out of the pairs and counted in `missed`. Nothing is interpolated."""
-    from scipy import stats  # imported on first use (scipy takes ~1 s)
-
     groups = defaultdict(lambda: defaultdict(dict))  # cell -> method -> seed -> row
     names = {}
     for row in rows:
@@ -212,24 +211,65 @@ def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
                 hit = [s for s in seeds if all(abs(methods[m][s][f"{metric}_removed"] - target) <= MISS
                                                for m in (reference, baseline))]
                 for stage in stages:
-                    pairs = [(methods[reference][s][f"acc_{stage}"], methods[baseline][s][f"acc_{stage}"])
-                             for s in hit]
-                    pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
-                    if not pairs:
-                        continue
-                    diff = np.array([a - b for a, b in pairs])
-                    n = len(diff)
-                    std = float(diff.std(ddof=1)) if n > 1 else math.nan
-                    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
-                    mean = float(diff.mean())
-                    verdict = ("n<2" if n < 2 else "ahead" if mean - half > 0 else "behind" if mean + half < 0
-                               else "even")
-                    out.append({"model": model, "data": data, "regime": regime, "metric": metric, "target": target,
-                                "stage": stage, "reference": reference, "baseline": baseline, "n": n,
-                                "reference_accuracy": float(np.mean([a for a, _ in pairs])),
-                                "baseline_accuracy": float(np.mean([b for _, b in pairs])),
-                                "difference": mean, "difference_std": std, "ci_low": mean - half,
-                                "ci_high": mean + half, "verdict": verdict, "missed": len(seeds) - len(hit)})
+                    found = _paired([(methods[reference][s], methods[baseline][s]) for s in hit], stage, confidence)
+                    if found:
+                        out.append({"model": model, "data": data, "regime": regime, "metric": metric,
+                                    "target": target, "stage": stage, "reference": reference, "baseline": baseline,
+                                    **found, "missed": len(seeds) - len(hit)})
+    return out
+
+
+def _paired(row_pairs, stage: str, confidence: float) -> dict | None:
+    """The paired difference of test accuracy at `stage` over (reference row, baseline row) pairs of one seed each:
+    n, both means, the difference's mean, standard deviation and Student-t interval, and the verdict."""
+    from scipy import stats  # imported on first use (scipy takes ~1 s)
+
+    pairs = [(a[f"acc_{stage}"], b[f"acc_{stage}"]) for a, b in row_pairs]
+    pairs = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+    if not pairs:
+        return None
+    diff = np.array([a - b for a, b in pairs])
+    n = len(diff)
+    std = float(diff.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    mean = float(diff.mean())
+    verdict = "n<2" if n < 2 else "ahead" if mean - half > 0 else "behind" if mean + half < 0 else "even"
+    return {"n": n, "reference_accuracy": float(np.mean([a for a, _ in pairs])),
+            "baseline_accuracy": float(np.mean([b for _, b in pairs])), "difference": mean, "difference_std": std,
+            "ci_low": mean - half, "ci_high": mean + half, "verdict": verdict}
+
+
+def matched_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
+    """Each baseline run at the sparsity another run chose (a matched target, e.g. MIPP's confidence mode) against
+    that run, paired by seed as in `paired_differences`: per model, data, regime, metric, reference label, baseline
+    and stage, with the reference's mean fraction of the metric removed; a pair whose two runs removed fractions more
+    than MISS apart is left out and counted in `missed`."""
+    references = {(r["model"], r["data"], r["regime"], r["method"], r["seed"]): r for r in rows if not r["matched"]}
+    groups = defaultdict(lambda: defaultdict(list))  # (model, data, regime, metric, label) -> baseline -> pairs
+    missed = defaultdict(int)
+    for row in rows:
+        if not row["matched"]:
+            continue
+        reference = references.get((row["model"], row["data"], row["regime"], row["matched"], row["seed"]))
+        if reference is None:
+            continue
+        cell = (row["model"], row["data"], row["regime"], row["metric"], row["matched"])
+        metric = row["metric"]
+        if abs(row[f"{metric}_removed"] - reference[f"{metric}_removed"]) > MISS:
+            missed[cell, row["method"]] += 1
+            continue
+        groups[cell][row["method"]].append((reference, row))
+    out = []
+    for cell in sorted(groups):
+        model, data, regime, metric, label = cell
+        for baseline, pairs in sorted(groups[cell].items()):
+            removed = float(np.mean([reference[f"{metric}_removed"] for reference, _ in pairs]))
+            for stage in stages:
+                found = _paired(pairs, stage, confidence)
+                if found:
+                    out.append({"model": model, "data": data, "regime": regime, "metric": metric, "reference": label,
+                                "removed": removed, "stage": stage, "baseline": baseline, **found,
+                                "missed": missed[cell, baseline]})
     return out
 
 

@@ -139,6 +139,30 @@ def paired_section(pairs, stages) -> str:
     return "".join(md)
 
 
+def matched_section(pairs, stages) -> str:
+    """Per model, data, regime and reference (a run that chose its own sparsity, such as MIPP's confidence mode):
+    the sparsity it reached, and each baseline run at that same sparsity, paired over seeds (stages as columns)."""
+    if not pairs:
+        return ""
+    md = ["\n## Every baseline at the sparsity MIPP chose\n\nEach baseline run at the fraction of the metric that "
+          "the reference run (same base model) removed, no interpolation; a cell is the reference's accuracy minus "
+          "the baseline's in points, mean over the seeds, with its 95% interval and verdict as above. Pairs whose "
+          "two runs removed more than 1 point apart are left out (counted in the last column).\n"]
+    groups = defaultdict(list)
+    for p in pairs:
+        groups[p["model"], p["data"], p["regime"], p["metric"], p["reference"]].append(p)
+    for (model, data, regime, metric, reference), members in sorted(groups.items()):
+        mine = [s for s in stages if any(p["stage"] == s for p in members)]
+        cells = {(p["baseline"], p["stage"]): p for p in members}
+        first = {p["baseline"]: p for p in members}
+        md.append(f"\n**{model} / {data}, {regime}, `{reference}`: {100 * members[0]['removed']:.1f}% of "
+                  f"{METRIC_WORDS[metric]} removed (mean over seeds)**\n\n")
+        rows = [[baseline] + [paired_cell(cells[baseline, s]) if (baseline, s) in cells else "" for s in mine]
+                + [first[baseline]["missed"]] for baseline in sorted(first)]
+        md.append(markdown(["baseline"] + [stage_words(s) for s in mine] + ["pairs left out"], rows))
+    return "".join(md)
+
+
 def missed_section(missed) -> str:
     if not missed:
         return ""
