@@ -397,7 +397,8 @@ def run_name(run: RunSpec) -> str:
 
 def shard_runs(runs: list[RunSpec], index: int, count: int) -> list[RunSpec]:
     """Shard `index` of `count`: runs at initialisation round-robin, trained runs by base model (round-robin over the
-    base models), so that no base model is trained by two processes."""
+    base models), so that no base model is trained by two processes; a run with a matched target goes with the run
+    it matches."""
     bases = list(dict.fromkeys(stable_hash(r.base_identity()) for r in runs if r.regime == "trained"))
     owners, position = {}, 0
     for run in runs:

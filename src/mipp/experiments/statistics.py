@@ -36,7 +36,8 @@ def run_rows(records, stages) -> list[dict]:
     for r in records:
         row = {"run_id": r.run_id, "model": r.model, "data": r.data, "regime": r.regime, "method": r.method,
                "method_name": r.method_name, "metric": r.metric, "target": r.target, "seed": r.seed,
-               "matched": r.matched["label"] if r.matched else None}
+               "matched": r.matched["label"] if r.matched else None,
+               "matched_run": r.matched["run_id"] if r.matched else None}
         row.update({f"{m}_removed": r.removed[m] for m in ("units", "params", "macs")})
         row["base_accuracy"] = r.base["test_accuracy"]
         for stage in stages:
@@ -244,13 +245,13 @@ def matched_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
     that run, paired by seed as in `paired_differences`: per model, data, regime, metric, reference label, baseline
     and stage, with the reference's mean fraction of the metric removed; a pair whose two runs removed fractions more
     than MISS apart is left out and counted in `missed`."""
-    references = {(r["model"], r["data"], r["regime"], r["method"], r["seed"]): r for r in rows if not r["matched"]}
+    references = {r["run_id"]: r for r in rows}
     groups = defaultdict(lambda: defaultdict(list))  # (model, data, regime, metric, label) -> baseline -> pairs
     missed = defaultdict(int)
     for row in rows:
         if not row["matched"]:
             continue
-        reference = references.get((row["model"], row["data"], row["regime"], row["matched"], row["seed"]))
+        reference = references.get(row["matched_run"])
         if reference is None:
             continue
         cell = (row["model"], row["data"], row["regime"], row["metric"], row["matched"])
