@@ -107,6 +107,15 @@ def paired_cell(pair: dict) -> str:
             f"{pair['verdict']}")
 
 
+def _comparisons(pairs, stages):
+    """Per (model, data, regime, metric, reference), in order: its pairs and the stages they have."""
+    groups = defaultdict(list)
+    for p in pairs:
+        groups[p["model"], p["data"], p["regime"], p["metric"], p["reference"]].append(p)
+    for key, members in sorted(groups.items()):
+        yield key, members, [s for s in stages if any(p["stage"] == s for p in members)]
+
+
 def paired_section(pairs, stages) -> str:
     """Per model, data, regime, metric and MIPP variant: baselines (rows) x targets and stages (columns), each cell
     MIPP's lead paired over seeds with its 95% interval, and a count of the verdicts."""
@@ -117,11 +126,7 @@ def paired_section(pairs, stages) -> str:
           "(both pruned the same base model), with its 95% confidence interval (Student t): **ahead** when the "
           "interval lies above 0, **behind** when below, **even** when it holds 0. Runs whose reached cost missed "
           "their target by more than 1 point are left out (see the list of missed targets).\n"]
-    groups = defaultdict(list)
-    for p in pairs:
-        groups[p["model"], p["data"], p["regime"], p["metric"], p["reference"]].append(p)
-    for (model, data, regime, metric, reference), members in sorted(groups.items()):
-        mine = [s for s in stages if any(p["stage"] == s for p in members)]
+    for (model, data, regime, metric, reference), members, mine in _comparisons(pairs, stages):
         targets = sorted({p["target"] for p in members})
         cells = {(p["baseline"], p["target"], p["stage"]): p for p in members}
         columns = [(t, s) for s in mine for t in targets]
@@ -148,11 +153,7 @@ def matched_section(pairs, stages) -> str:
           "the reference run (same base model) removed, no interpolation; a cell is the reference's accuracy minus "
           "the baseline's in points, mean over the seeds, with its 95% interval and verdict as above. Pairs whose "
           "two runs removed more than 1 point apart are left out (counted in the last column).\n"]
-    groups = defaultdict(list)
-    for p in pairs:
-        groups[p["model"], p["data"], p["regime"], p["metric"], p["reference"]].append(p)
-    for (model, data, regime, metric, reference), members in sorted(groups.items()):
-        mine = [s for s in stages if any(p["stage"] == s for p in members)]
+    for (model, data, regime, metric, reference), members, mine in _comparisons(pairs, stages):
         cells = {(p["baseline"], p["stage"]): p for p in members}
         first = {p["baseline"]: p for p in members}
         md.append(f"\n**{model} / {data}, {regime}, `{reference}`: {100 * members[0]['removed']:.1f}% of "
