@@ -266,7 +266,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
 
 def _matched_after_their_references(runs: list[RunSpec]) -> list[RunSpec]:
     """Give each run with a matched target ({"as": LABEL}) the id of the run it matches (same model, data, seed and
-    regime, method label LABEL, in its identity) and move it after the last run of its model, data and seed."""
+    regime, method label LABEL, in its identity) and move it after the runs of its model, data and seed."""
     def place(run):
         return (stable_hash(run.model), stable_hash(run.data), run.seed)
 
@@ -274,10 +274,8 @@ def _matched_after_their_references(runs: list[RunSpec]) -> list[RunSpec]:
     for run in runs:
         by_label.setdefault(place(run) + (run.regime, run.method["label"]), []).append(run)
     labels = {run.method["label"] for run in runs}
-    plain, matched = [], {}
     for run in runs:
         if not isinstance(run.target, dict):
-            plain.append(run)
             continue
         label = run.target["as"]
         if label not in labels:
@@ -289,13 +287,10 @@ def _matched_after_their_references(runs: list[RunSpec]) -> list[RunSpec]:
                              f"regime; it runs {len(found)} in the {run.regime} regime (give it one, e.g. "
                              "\"targets\": [null])")
         run.target = {"as": label, "run": found[0].run_id}
-        matched.setdefault(place(run), []).append(run)
-    ordered = []
-    for i, run in enumerate(plain):
-        ordered.append(run)
-        if i + 1 == len(plain) or place(plain[i + 1]) != place(run):
-            ordered += matched.pop(place(run), [])
-    return ordered + [run for rest in matched.values() for run in rest]
+    blocks: dict[tuple, int] = {}  # the runs of one model, data and seed follow each other (see expand)
+    for run in runs:
+        blocks.setdefault(place(run), len(blocks))
+    return sorted(runs, key=lambda run: (blocks[place(run)], isinstance(run.target, dict)))  # stable
 
 
 def _budgets(spec, regime: str) -> tuple[int, ...]:

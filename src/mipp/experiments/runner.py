@@ -183,10 +183,11 @@ class Runner:
         from mipp.measure import count_macs, count_params
         from mipp.models import model_entry
 
+        budget = self.budget(run)
         try:
             with PeakMemory(device=self.device) as memory:
                 started = time.perf_counter()
-                plan = select_plan(base, splits.train, method=run.method["name"], budget=self.budget(run),
+                plan = select_plan(base, splits.train, method=run.method["name"], budget=budget,
                                    metric=run.metric, min_units=run.settings["min_units"],
                                    n_samples=run.settings["n_samples"], seed=run.seed, example_input=splits.example,
                                    device=None if self.device.type == "cpu" else str(self.device),
@@ -203,8 +204,7 @@ class Runner:
             scores[WITHOUT_RECONSTRUCTION] = self.scores(pruned_copy(run, splits, base, plan, reconstruct=False),
                                                          splits)
         record = header(run, "partial")
-        if isinstance(run.target, dict):
-            record.target = self.budget(run)
+        record.target = budget  # a matched run's: the fraction it was given
         record.base = {"test_accuracy": base_metrics["test_accuracy"], "params": count_params(base),
                        "macs": count_macs(base, splits.example),
                        "dir": str(self.store.base_dir(run).name) if run.regime == "trained" else None}
@@ -240,7 +240,7 @@ class Runner:
         if not isinstance(run.target, dict):
             return run.target
         label, reference = run.target["as"], self.store.get(run.target["run"])
-        if reference is None or reference.status in ("partial", None):
+        if reference is None or reference.status == "partial":
             raise RuntimeError(f"this run removes what the {label!r} run {run.target['run']} removed, which has not "
                                "finished: run the sweep again (matched runs follow the runs they match)")
         if reference.status != "done":
