@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every sweep behind docs/results.md, in order of priority, as shard I of N (one process per core):
+# The sweeps behind docs/results.md besides the protocol's (scripts/protocol.sh), in order of priority, as shard I of N (one process per core):
 #   bash scripts/experiments.sh 0 2 &  bash scripts/experiments.sh 1 2 &  wait
 #   .venv/bin/mipp report --runs results/* --out docs
 # Resumable: rerun the same command after an interruption; finished runs are skipped, never recomputed.
@@ -11,13 +11,7 @@ sweep() {  # config, store
     .venv/bin/mipp sweep --config "configs/$1.json" --out "results/$2" --shard "$shard/$count" --threads 1
 }
 sweep planted planted
-sweep lenet5-fmnist-grid lenet5-fmnist
-sweep deformed deformed
-sweep vgg11-fmnist vgg11-fmnist
-sweep resnet18-fmnist resnet18-fmnist
-sweep lenet5-fmnist-macs lenet5-fmnist   # the same store: shares the grid's base models; the report also
-                                         # compares at equal MACs along the grid's curves
-sweep lenet5-fmnist-repair lenet5-fmnist-repair   # every method re-fitted and recalibrated after surgery
-sweep lenet5-fmnist-patches lenet5-fmnist-patches   # MIPP with patch features beside every baseline, same bases
-sweep vgg11-fmnist-patches vgg11-fmnist-patches   # the same comparison on VGG-11 w0.25, with accuracy without re-fit
-sweep resnet18-fmnist-patches resnet18-fmnist-patches   # and on ResNet-18 w0.25
+# every method re-fitted (sequentially) and recalibrated, 50/70/90% of MACs run directly, 3 seeds (issue 13)
+sweep lenet5-fmnist-seq lenet5-fmnist-seq
+sweep vgg11-fmnist-seq vgg11-fmnist-seq
+sweep resnet18-fmnist-seq resnet18-fmnist-seq

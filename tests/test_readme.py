@@ -27,7 +27,7 @@ from mipp.train import TrainConfig, evaluate, fit
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("mipp", ".venv/bin/mipp")
 SET_UP = ("source .venv/bin/activate",)
-TOO_LONG = "--config configs/lenet5-fmnist-grid.json"  # the full grid: counted with --dry-run, not run
+TOO_LONG = "--config configs/protocol/lenet5-macs.json"  # a protocol sweep: counted with --dry-run, not run
 
 
 def readme_commands(section: str = "## Command line") -> list[str]:

@@ -151,13 +151,8 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
                          help="tables (Markdown, CSV) and figures (PNG) from one or more sweeps' result stores")
     parser.add_argument("--runs", nargs="+", required=True, help="result store folders (the --out of mipp sweep)")
     parser.add_argument("--out", required=True, help="where results.md, tables/ and figures/ go (e.g. docs/)")
-    parser.add_argument("--reference", default="mipp-mean",
-                        help="label of the MIPP runs the interpolated win/tie/loss section compares (default "
-                             "mipp-mean, the spatial-mean runs of the older stores)")
     parser.add_argument("--layer-target", type=float, default=0.7,
                         help="target of the per-layer and fine-tuning figures (nearest one run; default 0.7)")
-    parser.add_argument("--tie", type=float, default=0.002,
-                        help="accuracy difference (fraction) within which win/loss counts a tie (default 0.002)")
     parser.add_argument("--latency", default=None,
                         help="add the latency table of a benchmarks/bench_latency.py result (its JSON --out)")
     parser.add_argument("--readme", default=None,
@@ -170,14 +165,12 @@ def report_command(args: argparse.Namespace) -> dict:
     from mipp.experiments.report import build_report
 
     command = f"mipp report --runs {' '.join(args.runs)} --out {args.out}"
-    for flag, value, default in (("--reference", args.reference, "mipp-mean"), ("--layer-target", args.layer_target, 0.7),
-                                 ("--tie", args.tie, 0.002)):
-        if value != default:
-            command += f" {flag} {value}"
+    if args.layer_target != 0.7:
+        command += f" --layer-target {args.layer_target}"
     if args.latency is not None:
         command += f" --latency {args.latency}"
-    result = build_report(args.runs, args.out, reference=args.reference, layer_target=args.layer_target,
-                          tie=args.tie, command=command, latency=args.latency)
+    result = build_report(args.runs, args.out, layer_target=args.layer_target, command=command,
+                          latency=args.latency)
     if args.readme is not None:
         from mipp.experiments.findings import replace_block
 

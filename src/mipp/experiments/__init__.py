@@ -6,7 +6,7 @@
     runner.py      one run (select, prune, evaluate, fine-tune, measure) and the resumable sweep loop
     memory.py      peak memory of a selection
     report.py      `mipp report`: loads the stores and writes results.md, tables/ and figures/ with
-    statistics.py  means over seeds, win/loss of MIPP against each baseline, cost, planted-truth recovery
+    statistics.py  means over seeds, MIPP against each baseline paired over seeds, cost, planted-truth recovery
     tables.py      CSV and the Markdown of results.md
     figures.py     the figures (matplotlib)
 """

@@ -3,8 +3,8 @@
     OUT/results.md     per model and data set: accuracy (mean ± std over seeds) per method and target, MIPP against
                        each baseline, and the figures; then selection cost, the planted network, skipped runs
     OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), paired and
-                       matched (MIPP against each baseline, at equal targets and at the sparsity MIPP chose), missed,
-                       winloss and winloss_levels, cost, planted
+                       (MIPP against each baseline and each of its own variants, kind "baseline" / "ablation",
+                       at equal targets), matched (at the sparsity MIPP chose), missed, cost, planted, deformed
     (with --latency FILE, a table of measured latency, from benchmarks/bench_latency.py, and OUT/tables/latency.csv)
     OUT/figures/*.png  accuracy vs sparsity, layer collapse per 5% bin, per-layer kept fraction / network's kept
                        fraction, accuracy vs fine-tuning budget, selection cost
@@ -67,13 +67,7 @@ def load_latency(path) -> dict:
     return data
 
 
-# The label of the MIPP runs the interpolated win/tie/loss section compares: the older stores, which ran targets of
-# units, ran MIPP on spatial means (its default then), now labelled for what they are.
-REFERENCE = "mipp-mean"
-
-
-def build_report(dirs, out, *, reference: str = REFERENCE, layer_target: float = 0.7, tie: float = 0.002,
-                 command: str | None = None, latency=None) -> dict:
+def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = None, latency=None) -> dict:
     """Write OUT/results.md, OUT/tables/*.csv and OUT/figures/*.png from the stores in `dirs` (and, given
     `latency`, the path of a benchmarks/bench_latency.py result, a latency section)."""
     out = Path(out)
@@ -88,25 +82,24 @@ def build_report(dirs, out, *, reference: str = REFERENCE, layer_target: float =
     done = [r for r in done if not r.matched]
     rows = [r for r in every_row if not r["matched"]]
     summary = statistics.summarize(rows, stages)
-    levels, counts = statistics.win_loss(summary, stages, reference, tie)
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
     deformed = statistics.deformed_rows(summary, stages)
     pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
-    csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary, "winloss": counts, "winloss_levels": levels, "cost": cost,
+    csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary,
+            "cost": cost,
             "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed],
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:
             tables.write_csv(out / "tables" / f"{name}.csv", table)
-    md = [tables.intro_section(len(done), len(other), reference, tie, command), tables.commands_section(sweeps, done)]
-    found = findings.findings(pairs, planted)
+    md = [tables.intro_section(len(done), len(other), command), tables.commands_section(sweeps, done)]
+    found = findings.findings(pairs, planted, matched)
     atomic_write_text(out / "findings.md", found)
-    md.append("\n## Findings\n\nThe same list the README carries (from the paired comparison below).\n\n" + found)
-    md.append(tables.paired_section(pairs, stages))
+    md.append("\n## Findings\n\nWhat the README carries (from the paired comparisons below).\n\n" + found)
+    md.append(tables.paired_section([p for p in pairs if p["kind"] == "baseline"], stages))
+    md.append(tables.ablation_section([p for p in pairs if p["kind"] == "ablation"], stages))
     md.append(tables.matched_section(matched, stages))
     md.append(tables.missed_section(missed))
-    if counts:
-        md.append(tables.verdict_section(counts, stages))
     names = []
     for model, data in sorted({(r["model"], r["data"]) for r in rows}):
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{data}".replace("@", "w")).strip("_")
@@ -116,8 +109,7 @@ def build_report(dirs, out, *, reference: str = REFERENCE, layer_target: float =
         base = statistics.mean_base_accuracy(part_records)
         mine = figures.plot_model(part, part_rows, part_records, stages, base, layer_target, out / "figures", slug)
         names += list(mine.values())
-        md.append(tables.model_section(model, data, base, part, [c for c in counts if (c["model"], c["data"]) ==
-                                                                  (model, data)], stages, mine))
+        md.append(tables.model_section(model, data, base, part, stages, mine))
     figures.plot_cost(cost, out / "figures" / "selection_cost.png")
     names.append("selection_cost.png")
     md.append(tables.cost_section(cost))
@@ -126,6 +118,16 @@ def build_report(dirs, out, *, reference: str = REFERENCE, layer_target: float =
     md += [tables.planted_section(planted), tables.deformed_section(deformed),
            tables.skipped_section(other)]
     atomic_write_text(out / "results.md", "".join(md))
+    _remove_stale(out / "tables", "*.csv", {f"{n}.csv" for n, table in csvs.items() if table})
+    _remove_stale(out / "figures", "*.png", set(names))
     return {"out": str(out), "report": str(out / "results.md"), "runs": len(done), "skipped_or_failed": len(other),
             "tables": sorted(f"tables/{n}.csv" for n, t in csvs.items() if t),
             "figures": [f"figures/{f}" for f in names]}
+
+
+def _remove_stale(folder: Path, pattern: str, written: set[str]) -> None:
+    """Tables and figures an earlier report wrote and this one did not (a store no longer reported, a section
+    that has no rows now): left there, they would read as current."""
+    for path in folder.glob(pattern):
+        if path.name not in written:
+            path.unlink()

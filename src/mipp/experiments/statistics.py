@@ -1,17 +1,11 @@
-"""The numbers of the report: run rows, means over seeds, MIPP against each baseline (win/loss at equal units and at
-equal MACs), selection cost, planted-truth recovery and the deformed-data comparison.
+"""The numbers of the report: run rows, means over seeds, MIPP against each baseline paired over seeds at directly
+run targets, selection cost, planted-truth recovery and the deformed-data comparison. Nothing is interpolated: a
+comparison is made only between runs made at the same target (or, for a matched target, at the sparsity the
+referenced run reached).
 
 Stages: "pruned" is the accuracy right after pruning, "norec" the same without reconstruction (sweeps that
 reconstruct record both, so the choice of units is also judged on its own), "ft<b>" after b epochs of fine-tuning
 (regime "trained") or of training the net pruned at initialisation (regime "init").
-
-MIPP against a baseline, at equal units and at equal MACs: per model, data set, regime and stage, a method's curve
-is (mean fraction removed, mean test accuracy) over its targets, means over seeds.  At every point of MIPP's curve
-whose fraction removed lies within the range of the baseline's curve, widened by SLACK on each side, the baseline's
-accuracy is linearly interpolated (held at its end value within the slack; never extrapolated further); MIPP wins when
-it is higher by more than `tie` (accuracy as a fraction), loses when lower by more, and ties otherwise.  The axis is
-the fraction of units removed (equal units) or of MACs removed (equal MACs).  Methods meet a target within 0.5%, so
-when the targets count units, equal units compares the same targets, and equal MACs compares across targets.
 """
 from __future__ import annotations
 
@@ -20,14 +14,16 @@ from collections import defaultdict
 
 import numpy as np
 
-AXES = ("units", "macs")
-SLACK = 0.01  # a level up to 1% of the network outside a baseline's range still compares with its end point
-
 
 def stage_names(records) -> list[str]:
     budgets = sorted({b for r in records for b in r.budgets()})
     norec = ["norec"] if any(not math.isnan(r.accuracy("norec")) for r in records) else []
     return ["pruned"] + norec + [f"ft{b}" for b in budgets]
+
+
+def stage_order(stage: str) -> tuple[int, int]:
+    """Sort key of a stage name: right after pruning, without the re-fit, then fine-tuning budgets in order."""
+    return (0, 0) if stage == "pruned" else (1, 0) if stage == "norec" else (2, int(stage[2:]))
 
 
 def run_rows(records, stages) -> list[dict]:
@@ -61,8 +57,11 @@ def target_order(target) -> float:
     return 2.0 if target is None else target
 
 
-def summarize(rows, stages) -> list[dict]:
-    """Mean and std over seeds per (model, data, regime, method, target)."""
+def summarize(rows, stages, confidence: float = 0.95) -> list[dict]:
+    """Mean and std over seeds per (model, data, regime, method, target); for each accuracy also the half-width of
+    its `confidence` interval (Student t over the seeds; "acc_<stage>_ci")."""
+    from scipy import stats  # imported on first use (scipy takes ~1 s)
+
     groups = defaultdict(list)
     for row in rows:
         groups[row["model"], row["data"], row["regime"], row["method"], row["metric"], row["target"]].append(row)
@@ -76,58 +75,14 @@ def summarize(rows, stages) -> list[dict]:
             values = values[~np.isnan(values)]
             entry[column] = float(values.mean()) if len(values) else math.nan
             entry[f"{column}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            if column.startswith("acc_"):
+                entry[f"{column}_ci"] = (float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) *
+                                               entry[f"{column}_std"] / math.sqrt(len(values)))
+                                         if len(values) > 1 else math.nan)
         entry["collapse_share"] = float(np.mean([m["collapse"] for m in members]))
         entry["selection_seconds"] = float(np.median([m["selection_seconds"] for m in members]))
         out.append(entry)
     return out
-
-
-def win_loss(summary, stages, reference: str = "mipp", tie: float = 0.002) -> tuple[list[dict], list[dict]]:
-    """(one row per compared level, counts per model/data/regime/baseline/axis/stage); see the module docstring."""
-    curves = defaultdict(dict)  # (model, data, regime) -> method -> rows
-    for entry in summary:
-        curves[entry["model"], entry["data"], entry["regime"]].setdefault(entry["method"], []).append(entry)
-    levels, counts = [], []
-    for (model, data, regime), methods in sorted(curves.items()):
-        if reference not in methods:
-            continue
-        baselines = sorted(m for m, e in methods.items() if e[0]["method_name"] != "mipp")
-        for baseline in baselines:
-            for axis in AXES:
-                for stage in stages:
-                    ref_x, ref_y = curve(methods[reference], axis, stage)
-                    base_x, base_y = curve(methods[baseline], axis, stage)
-                    if not len(ref_x):
-                        continue  # no budget of this length in this regime
-                    tally, differences = {"win": 0, "tie": 0, "loss": 0}, []
-                    for x, y in zip(ref_x, ref_y):
-                        if not len(base_x) or not base_x[0] - SLACK <= x <= base_x[-1] + SLACK:
-                            continue
-                        other = float(np.interp(x, base_x, base_y))
-                        outcome = "win" if y - other > tie else "loss" if other - y > tie else "tie"
-                        tally[outcome] += 1
-                        differences.append(y - other)
-                        levels.append({"model": model, "data": data, "regime": regime, "baseline": baseline,
-                                       "axis": axis, "stage": stage, "level": x, "reference_accuracy": y,
-                                       "baseline_accuracy": other, "difference": y - other, "outcome": outcome})
-                    counts.append({"model": model, "data": data, "regime": regime, "baseline": baseline,
-                                   "axis": axis, "stage": stage, **tally,
-                                   "mean_difference": float(np.mean(differences)) if differences else math.nan})
-    return levels, counts
-
-
-def curve(entries, axis: str, stage: str) -> tuple[np.ndarray, np.ndarray]:
-    """(fractions of `axis` removed, accuracies at `stage`) of one method's summary entries, by fraction."""
-    points = sorted((e[f"{axis}_removed"], e[f"acc_{stage}"]) for e in entries
-                    if not math.isnan(e[f"acc_{stage}"]))
-    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
-
-
-def verdict(count: dict) -> str:
-    """ahead | behind | even | none: MIPP against one baseline on one axis and stage, by its wins and losses."""
-    if count["win"] + count["tie"] + count["loss"] == 0:
-        return "none"
-    return "ahead" if count["win"] > count["loss"] else "behind" if count["loss"] > count["win"] else "even"
 
 
 def deformed_rows(summary, stages) -> list[dict]:
@@ -182,6 +137,14 @@ def mean_base_accuracy(records) -> float | None:
     return float(np.mean(list(per_seed.values()))) if per_seed else None
 
 
+DEFAULT = "mipp"  # the label of MIPP's runs with its shipped defaults: the findings' reference
+
+
+def is_mipp(method_name: str) -> bool:
+    """MIPP itself or one of its ablations (mipp-widths, mipp-uniform): never a baseline of MIPP."""
+    return method_name == "mipp" or method_name.startswith("mipp-")
+
+
 MISS = 0.01  # a run whose reached cost is more than 1 point from its target is marked, never compared
 
 
@@ -190,8 +153,10 @@ def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
     the difference of test accuracy (MIPP - baseline) paired by seed (both runs pruned the same base model), its
     mean, standard deviation and `confidence` interval (Student t over the seeds), and a verdict from the
     interval: "ahead" (it lies above 0), "behind" (below 0), "even" (it holds 0), or "n<2" (one seed: no interval).
-    Every MIPP variant (method_name "mipp" with a target) is a reference; runs that miss their target by more than
-    MISS are left out of the pairs and counted in `missed`. Nothing is interpolated."""
+    Every MIPP variant (method_name "mipp" with a target) is a reference, paired with every baseline (kind
+    "baseline"); the shipped default, labelled DEFAULT, is also paired with the other MIPP variants and ablations in
+    its cell (kind "ablation": mipp-mean, mipp-greedy, mipp-widths-*, ...). Runs that miss their target by more
+    than MISS are left out of the pairs and counted in `missed`. Nothing is interpolated."""
     groups = defaultdict(lambda: defaultdict(dict))  # cell -> method -> seed -> row
     names = {}
     for row in rows:
@@ -205,9 +170,12 @@ def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
         methods = groups[cell]
         model, data, regime, metric, target = cell
         references = sorted(m for m in methods if names[m] == "mipp")
-        baselines = sorted(m for m in methods if names[m] != "mipp")
+        baselines = sorted(m for m in methods if not is_mipp(names[m]))
+        ablations = sorted(m for m in methods if is_mipp(names[m]) and m != DEFAULT)
         for reference in references:
-            for baseline in baselines:
+            others = [(b, "baseline") for b in baselines]
+            others += [(a, "ablation") for a in ablations] if reference == DEFAULT else []
+            for baseline, kind in others:
                 seeds = sorted(set(methods[reference]) & set(methods[baseline]))
                 hit = [s for s in seeds if all(abs(methods[m][s][f"{metric}_removed"] - target) <= MISS
                                                for m in (reference, baseline))]
@@ -216,7 +184,7 @@ def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
                     if found:
                         out.append({"model": model, "data": data, "regime": regime, "metric": metric,
                                     "target": target, "stage": stage, "reference": reference, "baseline": baseline,
-                                    **found, "missed": len(seeds) - len(hit)})
+                                    "kind": kind, **found, "missed": len(seeds) - len(hit)})
     return out
 
 

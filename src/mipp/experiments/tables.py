@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mipp.experiments.statistics import AXES, present, target_order, verdict
+from mipp.experiments.statistics import present, target_order
 
 METRIC_WORDS = {"units": "units", "params": "params", "macs": "MACs"}
 
@@ -59,46 +59,6 @@ def pivot(entries, cell) -> str:
     return markdown(["method"] + [column_name(*mt) for mt in targets], rows)
 
 
-def tally(count: dict) -> str:
-    """"w/t/l (+d)": wins, ties, losses and MIPP's mean lead in points over the compared levels."""
-    text = f"{count['win']}/{count['tie']}/{count['loss']}"
-    difference = count.get("mean_difference", math.nan)
-    return text if math.isnan(difference) else f"{text} ({100 * difference:+.1f})"
-
-
-def count_table(counts, stages) -> str:
-    cells = defaultdict(dict)
-    for c in counts:
-        cells[c["regime"], c["baseline"]][c["axis"], c["stage"]] = tally(c)
-    stages = [s for s in stages if any(c["stage"] == s for c in counts)]
-    header = ["regime", "baseline"] + [f"{axis} {stage}" for axis in AXES for stage in stages]
-    rows = [[regime, baseline] + [cell.get((a, s), "") for a in AXES for s in stages]
-            for (regime, baseline), cell in sorted(cells.items())]
-    return markdown(header, rows)
-
-
-def verdict_table(counts, stages) -> str:
-    """One row per model, data, regime, axis and stage (right after pruning and the largest budget): the baselines
-    MIPP is ahead of, behind, and even with, each with its mean lead in points and its wins/ties/losses."""
-    groups = defaultdict(list)
-    for c in counts:
-        groups[c["model"], c["data"], c["regime"], c["axis"], c["stage"]].append(c)
-    rows = []
-    for (model, data, regime, axis, stage), members in sorted(groups.items(), key=lambda kv: (
-            kv[0][:4], stages.index(kv[0][4]))):
-        mine = sorted({c["stage"] for c in counts if (c["model"], c["data"], c["regime"]) == (model, data, regime)},
-                      key=stages.index)
-        if stage not in (mine[0], "norec", mine[-1]):
-            continue
-        by = defaultdict(list)
-        for c in sorted(members, key=lambda c: -np.nan_to_num(c.get("mean_difference", math.nan))):
-            by[verdict(c)].append(f"{c['baseline']} {tally(c)}")
-        rows.append([f"{model} / {data}", regime, "equal " + axis, stage_words(stage)] +
-                    [", ".join(by[v]) or "-" for v in ("ahead", "behind", "even")] + [str(len(by["none"]))])
-    return markdown(["model / data", "regime", "axis", "stage", "MIPP ahead of", "MIPP behind", "even",
-                     "not comparable"], rows)
-
-
 def paired_cell(pair: dict) -> str:
     """"+1.2 [-0.3, +2.7] even": MIPP's mean lead in points over the paired seeds, its interval, the verdict."""
     if pair["n"] < 2:
@@ -116,16 +76,25 @@ def _comparisons(pairs, stages):
         yield key, members, [s for s in stages if any(p["stage"] == s for p in members)]
 
 
-def paired_section(pairs, stages) -> str:
+PAIRED_INTRO = ("\n## MIPP against each baseline at equal cost, paired over seeds\n\nEvery method run directly at "
+                "each target (no interpolation); a cell is MIPP's accuracy minus the baseline's in points, mean over "
+                "the seeds (both pruned the same base model), with its 95% confidence interval (Student t): "
+                "**ahead** when the interval lies above 0, **behind** when below, **even** when it holds 0. Runs "
+                "whose reached cost missed their target by more than 1 point are left out (see the list of missed "
+                "targets).\n")
+ABLATION_INTRO = ("\n## Ablations: MIPP against its own variants, paired over seeds\n\nMIPP with its shipped "
+                  "defaults minus each variant run at the same targets on the same base models, as above: other "
+                  "features (`mipp-mean`), greedy re-ranking instead of the fixed MI order (`mipp-greedy`), MIPP's "
+                  "per-layer widths with the units inside each layer chosen at random or by L1 (`mipp-widths-*`), "
+                  "the same share kept in every layer with MIPP's choice of units (`mipp-uniform`).\n")
+
+
+def paired_section(pairs, stages, intro: str = PAIRED_INTRO, rows_are: str = "baseline") -> str:
     """Per model, data, regime, metric and MIPP variant: baselines (rows) x targets and stages (columns), each cell
     MIPP's lead paired over seeds with its 95% interval, and a count of the verdicts."""
     if not pairs:
         return ""
-    md = ["\n## MIPP against each baseline at equal cost, paired over seeds\n\nEvery method run directly at each "
-          "target (no interpolation); a cell is MIPP's accuracy minus the baseline's in points, mean over the seeds "
-          "(both pruned the same base model), with its 95% confidence interval (Student t): **ahead** when the "
-          "interval lies above 0, **behind** when below, **even** when it holds 0. Runs whose reached cost missed "
-          "their target by more than 1 point are left out (see the list of missed targets).\n"]
+    md = [intro]
     for (model, data, regime, metric, reference), members, mine in _comparisons(pairs, stages):
         targets = sorted({p["target"] for p in members})
         cells = {(p["baseline"], p["target"], p["stage"]): p for p in members}
@@ -139,9 +108,13 @@ def paired_section(pairs, stages) -> str:
                                                              ("ahead", "behind", "even", "n<2") if verdicts[s, v])
                            for s in mine)
         md.append(f"\n**{model} / {data}, {regime}, `{reference}` at equal {METRIC_WORDS[metric]}** ({counts})\n\n")
-        md.append(markdown(["baseline"] + [f"{target_name(t)} {METRIC_WORDS[metric]}, {stage_words(s)}"
-                                           for t, s in columns], rows))
+        md.append(markdown([rows_are] + [f"{target_name(t)} {METRIC_WORDS[metric]}, {stage_words(s)}"
+                                         for t, s in columns], rows))
     return "".join(md)
+
+
+def ablation_section(pairs, stages) -> str:
+    return paired_section(pairs, stages, ABLATION_INTRO, "variant")
 
 
 def matched_section(pairs, stages) -> str:
@@ -177,15 +150,13 @@ def missed_section(missed) -> str:
 # ---------------------------------------------------------------------------------- sections of results.md
 
 
-def intro_section(n_done: int, n_other: int, reference: str, tie: float, command: str | None) -> str:
+def intro_section(n_done: int, n_other: int, command: str | None) -> str:
     return (f"# Results\n\nGenerated by `{command or 'mipp report'}` from {n_done} finished runs "
-            f"({n_other} skipped, failed or unfinished). Accuracy in %, mean ± std over seeds; stages: right after "
-            "pruning, then after each fine-tuning budget (init: training the net pruned at initialisation). "
-            "The paired comparison at equal cost (first section) is the one to read: every method run directly at "
-            "each target, MIPP's lead paired over seeds with a 95% interval. The win/tie/loss section after it "
-            f"compares along each method's curve, interpolating between targets (the older stores ran targets of "
-            f"units only, with MIPP on spatial means): MIPP (`{reference}`) against each baseline, tie within {100 * tie:g} points (see "
-            "mipp.experiments.report).\n")
+            f"({n_other} skipped, failed or unfinished). Accuracy in %, mean ± std over seeds [95% confidence "
+            "interval, Student t]; stages: right after pruning (with and without the re-fit of the kept weights, "
+            "where the sweep re-fits), then after each "
+            "fine-tuning budget (init: training the net pruned at initialisation). Every comparison is between "
+            "runs made at the same target, or at the sparsity another run reached; nothing is interpolated.\n")
 
 
 def commands_section(sweeps, done) -> str:
@@ -202,17 +173,8 @@ def commands_section(sweeps, done) -> str:
     return "\n".join(lines)
 
 
-def verdict_section(counts, stages) -> str:
-    return ("\n## Where MIPP wins and where it loses, along the curves (interpolated)\n\nPer model, regime and axis, "
-            "right after pruning and "
-            "after the largest fine-tuning budget: the baselines MIPP is ahead of (more wins than losses over "
-            "the compared sparsity levels), behind, or even with; each with wins/ties/losses and MIPP's mean "
-            "lead in accuracy points. Not comparable: baselines whose range of units or MACs removed does not "
-            "reach any of MIPP's levels.\n\n" + verdict_table(counts, stages))
-
-
-def model_section(model: str, data: str, base: float | None, summary, counts, stages, figures: dict) -> str:
-    """One model on one data set: accuracy and parameters/MACs removed per regime, win/loss, its figures."""
+def model_section(model: str, data: str, base: float | None, summary, stages, figures: dict) -> str:
+    """One model on one data set: accuracy and parameters/MACs removed per regime, its figures."""
     md = [f"\n## {model} on {data}\n\nUnpruned trained model: "
           f"{pct(base) if base is not None else '-'}% test accuracy (mean over seeds).\n"]
     for regime in sorted({e["regime"] for e in summary}):
@@ -222,16 +184,18 @@ def model_section(model: str, data: str, base: float | None, summary, counts, st
             md.append(pivot(entries, lambda e, s=stage: accuracy_cell(e, s)))
         md.append(f"\n**{regime}, parameters / MACs removed (%)**\n\n")
         md.append(pivot(entries, lambda e: f"{100 * e['params_removed']:.1f} / {100 * e['macs_removed']:.1f}"))
-    if counts:
-        md.append("\n**MIPP against each baseline: wins/ties/losses at equal units and at equal MACs**\n\n")
-        md.append(count_table(counts, stages))
     md.append("\n" + "\n\n".join(f"![{kind}](figures/{name})" for kind, name in figures.items()) + "\n")
     return "".join(md)
 
 
 def accuracy_cell(entry: dict, stage: str) -> str:
-    """Mean ± std; where the method chose the sparsity itself (target "auto"), also the units it removed."""
+    """Mean ± std [95% interval]; where the method chose the sparsity itself (target "auto"), also the units it
+    removed."""
     text = pct(entry[f"acc_{stage}"], entry[f"acc_{stage}_std"])
+    half = entry.get(f"acc_{stage}_ci", math.nan)
+    if not math.isnan(half):
+        mean = entry[f"acc_{stage}"]
+        text += f" [{100 * (mean - half):.1f}, {100 * (mean + half):.1f}]"
     if entry["target"] is None and text != "-":
         text += f" (at {100 * entry['units_removed']:.0f}% units)"
     return text
