@@ -345,18 +345,26 @@ def test_targets_of_different_metrics_stay_apart_in_tables(tmp_path):
     assert "| method | 50% | 50% MACs |" in table and "| mipp | 60.0 | 80.0 |" in table
 
 
-def test_deformed_section_pairs_each_run_with_its_clean_twin(tmp_path):
+def test_deformed_section_pairs_each_run_with_its_clean_twin_by_seed(tmp_path):
+    from scipy import stats
+
     store = ResultStore(tmp_path)
     for data, accuracy in (("d", 0.8), ("d+deform", 0.6)):
-        for seed in (0, 1):
-            store.put(fake_record("mipp", 0.5, seed, 0.5, 0.5, accuracy, data=data, run_id=f"{data}-{seed}"))
+        for seed in (0, 1, 2):
+            drop = 0.01 * seed if data == "d+deform" else 0.0  # changes of -20, -21 and -22 points
+            store.put(fake_record("mipp", 0.5, seed, 0.5, 0.5, accuracy - drop, data=data,
+                                  run_id=f"{data}-{seed}"))
     store.put(fake_record("random", 0.5, 0, 0.5, 0.5, 0.7, run_id="clean-only"))  # no deformed twin
     done, _, _ = report.load([tmp_path])
-    summary = statistics.summarize(statistics.run_rows(done, ["pruned"]), ["pruned"])
-    rows = statistics.deformed_rows(summary, ["pruned"])
-    assert len(rows) == 1 and rows[0]["method"] == "mipp"
-    assert rows[0]["clean_pruned"] == pytest.approx(0.8) and rows[0]["deformed_pruned"] == pytest.approx(0.6)
-    assert "80.0 -> 60.0 (-20.0)" in tables.deformed_section(rows)
+    rows = statistics.deformed_rows(statistics.run_rows(done, ["pruned"]), ["pruned"])
+    assert len(rows) == 1 and rows[0]["method"] == "mipp" and rows[0]["n"] == 3
+    cell = rows[0]["pruned"]
+    half = stats.t.ppf(0.975, 2) * 0.01 / 3 ** 0.5
+    assert cell["clean"] == pytest.approx(0.8) and cell["deformed"] == pytest.approx(0.59)
+    assert cell["change"] == pytest.approx(-0.21) and cell["ci_high"] == pytest.approx(-0.21 + half)
+    assert cell["verdict"] == "behind"
+    assert f"80.0 -> 59.0 (-21.0 [{-21 - 100 * half:+.1f}, {-21 + 100 * half:+.1f}])" in tables.deformed_section(rows)
+    assert tables.deformed_csv(rows)[0]["change_pruned"] == pytest.approx(-0.21)
 
 
 def test_deform_is_fixed_per_class_and_differs_between_classes():

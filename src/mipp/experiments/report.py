@@ -83,11 +83,11 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     rows = [r for r in every_row if not r["matched"]]
     summary = statistics.summarize(rows, stages)
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
-    deformed = statistics.deformed_rows(summary, stages)
+    deformed = statistics.deformed_rows(rows, stages)
     pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
     csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary,
             "cost": cost,
-            "planted": planted, "deformed": [{k: v for k, v in r.items() if k != "stages"} for r in deformed],
+            "planted": planted, "deformed": tables.deformed_csv(deformed),
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:

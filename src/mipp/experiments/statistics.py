@@ -85,22 +85,30 @@ def summarize(rows, stages, confidence: float = 0.95) -> list[dict]:
     return out
 
 
-def deformed_rows(summary, stages) -> list[dict]:
-    """Accuracy on deformed data minus accuracy on the same data undeformed, per model, regime, method and target
-    (the paper's Fig. 5: pruning at initialisation should suffer, pruning after training should not)."""
-    clean = {(e["model"], e["data"], e["regime"], e["method"], e["metric"], e["target"]): e for e in summary}
+def deformed_rows(rows, stages, confidence: float = 0.95) -> list[dict]:
+    """Accuracy on deformed data minus accuracy on the same data undeformed, per model, regime, method, metric and
+    target, paired by seed (the same initialisation and schedule; the bases differ in the data they trained on),
+    right after pruning and after the regime's last budget: both means, the change, its `confidence` interval and
+    the verdict of `_paired` ("ahead": better on deformed data, "behind": worse). The paper's Fig. 5: pruning at
+    initialisation should suffer, pruning after training should not."""
+    clean = {(r["model"], r["data"], r["regime"], r["method"], r["metric"], r["target"], r["seed"]): r
+             for r in rows}
+    groups = defaultdict(list)
+    for r in rows:
+        twin = clean.get((r["model"], r["data"][: -len("+deform")], r["regime"], r["method"], r["metric"],
+                          r["target"], r["seed"])) if r["data"].endswith("+deform") else None
+        if twin is not None:
+            groups[r["model"], r["data"], r["regime"], r["method"], r["metric"], r["target"]].append((r, twin))
     out = []
-    for e in summary:
-        if not e["data"].endswith("+deform"):
-            continue
-        other = clean.get((e["model"], e["data"][: -len("+deform")], e["regime"], e["method"], e["metric"],
-                           e["target"]))
-        if other is None:
-            continue
-        mine = present([e], stages)
-        row = {k: e[k] for k in ("model", "data", "regime", "method", "metric", "target")}
-        for stage in (mine[0], mine[-1]):
-            row[f"clean_{stage}"], row[f"deformed_{stage}"] = other[f"acc_{stage}"], e[f"acc_{stage}"]
+    for key in sorted(groups, key=lambda k: k[:5] + (target_order(k[5]),)):
+        pairs = groups[key]
+        mine = present([row for pair in pairs for row in pair], stages)
+        row = dict(zip(("model", "data", "regime", "method", "metric", "target"), key), n=len(pairs))
+        for stage in dict.fromkeys((mine[0], mine[-1])):
+            found = _paired(pairs, stage, confidence)
+            row[stage] = {"clean": found["baseline_accuracy"], "deformed": found["reference_accuracy"],
+                          "change": found["difference"], "ci_low": found["ci_low"], "ci_high": found["ci_high"],
+                          "verdict": found["verdict"]} if found else None
         row["stages"] = (mine[0], mine[-1])
         out.append(row)
     return out
