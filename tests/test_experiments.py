@@ -211,6 +211,11 @@ def test_report_writes_tables_and_figures(full_sweep, tmp_path):
     assert len(pairs) == 2 * 2 and {(p["baseline"], p["kind"], p["n"], p["target"]) for p in pairs} == {
         ("random", "baseline", "2", "0.3")}
     assert "## Missed targets" in text
+    with open(out / "tables" / "bases.csv") as handle:  # the two trained bases (seeds 0 and 1), 3 epochs each
+        bases = list(csv.DictReader(handle))
+    assert [(b["base"], b["epochs"], b["seeds"], b["training_images"]) for b in bases] == [
+        ("mlp-synthetic", "3", "2", "")]
+    assert float(bases[0]["train_loss_3_before"]) > 0 and "## Base models" in text
     assert "interpolated" not in text.replace("nothing is interpolated", "")
 
 

@@ -114,6 +114,36 @@ def deformed_rows(rows, stages, confidence: float = 0.95) -> list[dict]:
     return out
 
 
+def base_rows(bases) -> list[dict]:
+    """The trained base models, per store, model and data (over their seeds): epochs, test accuracy (mean, std,
+    range), and from the training history the last epoch's train accuracy and loss beside the loss three epochs
+    earlier, or of the first epoch of a shorter schedule (how flat the end of the schedule is)."""
+    import re
+
+    groups = defaultdict(list)
+    for store, name, metrics in bases:
+        label = re.sub(r"-s\d+-[0-9a-f]{10}$", "", name)
+        identity = metrics.get("identity", {})
+        limit = (identity.get("data") or {}).get("limit")
+        groups[store, label, identity.get("epochs"), limit].append(metrics)
+    out = []
+    for (store, label, epochs, limit), members in sorted(groups.items(), key=lambda kv: kv[0][:2]):
+        test = np.array([m["test_accuracy"] for m in members])
+        history = [m.get("history") or [] for m in members]
+        last = [h[-1] for h in history if h]
+        earlier = [h[max(0, len(h) - 4)] for h in history if h]  # three epochs before the last, or the first
+        out.append({"store": store, "base": label, "training_images": limit, "epochs": epochs, "seeds": len(members),
+                    "test_accuracy": float(test.mean()),
+                    "test_accuracy_std": float(test.std(ddof=1)) if len(test) > 1 else math.nan,
+                    "test_accuracy_min": float(test.min()), "test_accuracy_max": float(test.max()),
+                    "train_accuracy_last": float(np.mean([h["train_accuracy"] for h in last])) if last else math.nan,
+                    "train_loss_last": float(np.mean([h["train_loss"] for h in last])) if last else math.nan,
+                    "train_loss_3_before": (float(np.mean([h["train_loss"] for h in earlier])) if earlier
+                                            else math.nan),
+                    "train_minutes": float(np.mean([m.get("train_seconds", math.nan) for m in members])) / 60})
+    return out
+
+
 def selection_cost(rows) -> list[dict]:
     groups = defaultdict(list)
     for r in rows:

@@ -102,6 +102,11 @@ class ResultStore:
         save_model(folder / "model.pt", model, metrics=metrics)
         return model, metrics
 
+    def bases(self) -> list[tuple[str, dict]]:
+        """(folder name, base.json) of every finished base model of the store, by folder name."""
+        return [(path.parent.name, json.loads(path.read_text()))
+                for path in sorted((self.root / "base").glob("*/base.json"))]
+
     # ------------------------------------------------------------------------------------------ sweep log
 
     def log_sweep(self, config: SweepConfig, argv: list[str] | None, counts: dict | None = None) -> Path:

@@ -147,6 +147,22 @@ def missed_section(missed) -> str:
             markdown(["model", "data", "regime", "method", "seed", "target", "reached"], rows))
 
 
+def bases_section(bases) -> str:
+    """The trained base models every trained-regime run of a store prunes, one row per store and model."""
+    if not bases:
+        return ""
+    rows = [[b["store"], b["base"], "all" if b["training_images"] is None else f"{b['training_images']:,}",
+             b["epochs"], b["seeds"], f"{pct(b['test_accuracy'], b['test_accuracy_std'])} "
+             f"({pct(b['test_accuracy_min'])}-{pct(b['test_accuracy_max'])})", pct(b["train_accuracy_last"]),
+             f"{b['train_loss_3_before']:.3f} -> {b['train_loss_last']:.3f}", f"{b['train_minutes']:.1f}"]
+            for b in bases]
+    return ("\n## Base models\n\nThe trained models the trained-regime runs prune, one per seed (cosine schedule "
+            "to zero). Test accuracy: mean ± std over seeds (range); train accuracy and loss of the last epoch, the "
+            "loss also three epochs earlier (or after the first epoch); training time per base.\n\n" +
+            markdown(["store", "base", "training images", "epochs", "seeds", "test accuracy (%)",
+                      "train accuracy, last epoch (%)", "train loss, 3 epochs before -> last", "minutes"], rows))
+
+
 # ---------------------------------------------------------------------------------- sections of results.md
 
 
