@@ -137,7 +137,7 @@ def test_reconstruction_reuses_the_selection_moments(monkeypatch):
     for name in own:
         a, b = own[name], reused[name]
         assert a.rows == b.rows
-        for field in ("gram", "cross", "input_sum", "output_sum"):
+        for field in ("gram", "cross", "input_sum", "output_sum", "output_square"):
             torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-4)
 
     calls = []

@@ -211,6 +211,45 @@ def test_validated_ridge_keeps_an_exact_fit_exact_and_shrinks_a_noisy_one():
     assert held_out_error(noisy.solve_validated()) < 0.5 * held_out_error(noisy.solve())
 
 
+def test_one_pass_refit_chooses_its_ridge_and_keeps_weights_bounded_where_the_fit_is_not_exact():
+    """`refit_readers` solves with the validated ridge by default. The case it guards: the removed unit carries
+    signal the kept ones cannot give, and a kept input varies very little (a nearly dead unit), so the fixed tiny
+    ridge explains the rest with huge weights on it (ThiNet's choice on a LeNet-5 base: weights up to 43, and
+    fine-tuning diverged); the validated ridge keeps them near the prior and predicts held-out rows better."""
+    from mipp.reconstruct import RIDGE, refit_readers
+
+    generator = torch.Generator().manual_seed(0)
+
+    def inputs(n):
+        kept = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+        kept[:, 2] *= 1e-3  # a nearly dead kept unit
+        removed = torch.randn(n, 1, generator=generator, dtype=torch.float64)  # independent of the kept ones
+        return kept, removed
+
+    kept, removed = inputs(60)
+    truth = torch.tensor([[1.0, -1.0, 0.5]], dtype=torch.float64)
+    stats = _statistics(kept, kept @ truth.T + removed, truth.clone())
+    solutions = {}
+    for ridge in (None, RIDGE):
+        reader = nn.Linear(3, 1).double()
+        refit_readers(reader_model := nn.Sequential(reader), {"0": stats}, ridge=ridge)
+        solutions[ridge] = (reader_model[0].weight.detach().clone(), reader_model[0].bias.detach().clone())
+    for got, want in zip(solutions[None], stats.solve_validated()):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(solutions[RIDGE], stats.solve(RIDGE)):
+        torch.testing.assert_close(got, want)
+    assert solutions[RIDGE][0].abs().max() > 20 * solutions[None][0].abs().max()
+
+    held, held_removed = inputs(2000)
+    target = held @ truth.T  # the best the kept units can do: the removed one's signal is unpredictable
+
+    def held_out_error(solution):
+        weight, bias = solution
+        return float((held @ weight.T + bias - target).square().mean())
+
+    assert held_out_error(solutions[None]) < held_out_error(solutions[RIDGE])
+
+
 class TokenNet(nn.Module):
     """Linear layers over a token dimension (as in a transformer's MLP); hidden unit 5 is a copy of unit 0."""
 

@@ -12,15 +12,19 @@ the row count), never the activations themselves. A Linear reads its input featu
 Flatten reads several features per unit: the couplings' `index` says which); a convolution's features are its
 input patches (channel-major, as `weight.reshape(out, -1)` lays them out) at a seeded random sample of output
 positions per image, and its target is its output at those positions. After surgery `refit_readers` solves the
-normal equations per reader and writes the solution into the pruned module.
+normal equations per reader and writes the solution into the pruned module. The ridge is chosen per reader by
+generalised cross-validation (`ReaderStatistics.solve_validated`): where the removed units are linear functions of
+the kept ones the target is an exact function of the kept inputs and the smallest ridge wins (the fit stays exact);
+where they are not, a fixed tiny ridge chased the rest along directions of tiny variance (ThiNet's choice on a
+LeNet-5 protocol base, 50% of MACs: weights up to 43 where the original's were 0.5, and fine-tuning diverged;
+with the ridge chosen, 13 and 79% after one epoch).
 
 Two modes (`reconstruct=`). "independent": each reader is fitted on the original network's inputs, all in that one
 pass (or none, after MIPP's patch features, whose moments are these sums); errors that earlier layers leave are
 not compensated downstream. "sequential" (`refit_sequentially`): after surgery, one reader after the other in
 forward order is fitted on the inputs the pruned network, with the readers before it already re-fitted, gives it,
 to the original's output, so each layer also absorbs what the layers before it could not reproduce (as He et al.
-2017 and later post-training methods do). Its targets are no longer exact functions of its inputs, so its ridge is
-chosen per reader by generalised cross-validation; it costs a pass of both networks up to each reader. Grouped and
+2017 and later post-training methods do); it costs a pass of both networks up to each reader. Grouped and
 depthwise convolutions are skipped with a warning (each of their outputs reads only its own group of inputs; their
 kept weights stay as they are).
 """
@@ -41,18 +45,19 @@ from mipp.positions import ReaderMoments, sample_patches, skipped_draws
 from mipp.surgery import check_plan_matches, plan_input
 from mipp.units import WEIGHTED_READERS, UnitGraph, find_units
 
-# Ridge, relative to the mean variance of a reader's kept input features: small enough that an exactly redundant
-# unit is replaced to float tolerance (relative output error ~1e-6), large enough to keep the solve well posed when
-# kept features are constant (dead units) or collinear.
+# A fixed ridge (`refit_readers(ridge=...)`), relative to the mean variance of a reader's kept input features: small
+# enough that an exactly redundant unit is replaced to float tolerance (relative output error ~1e-6), large enough to
+# keep the solve well posed when kept features are constant (dead units) or collinear. By default the ridge is
+# chosen among VALIDATED_RIDGES instead.
 RIDGE = 1e-6
 # `reconstruct=` values that re-fit: each reader from the original network's inputs (one pass, or none after MIPP's
 # patch features), or from the pruned network's, one reader after the other (`refit_sequentially`).
 RECONSTRUCT_MODES = ("independent", "sequential")
 DEFAULT_MODE = "independent"
-# The sequential re-fit's candidate ridges (relative, as RIDGE), one chosen per reader by generalised
-# cross-validation (`ReaderStatistics.solve_validated`): its targets are no longer an exact linear function of its
-# inputs, and with RIDGE alone it chased them along directions of tiny variance (LeNet-5 on rank-16 inputs: 0.014
-# of the output's variance lost in sample, 120x that held out).
+# The candidate ridges (relative, as RIDGE), one chosen per reader by generalised cross-validation
+# (`ReaderStatistics.solve_validated`): where a target is not an exact linear function of the kept inputs, RIDGE
+# alone chases it along directions of tiny variance (the sequential re-fit of LeNet-5 on rank-16 inputs: 0.014 of
+# the output's variance lost in sample, 120x that held out).
 VALIDATED_RIDGES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # Output positions sampled per image for a convolution's patches, at most (all of them when the map is smaller):
 # with 2,000 images that is 64,000 rows, enough for readers of up to a few thousand patch features. Each reader
@@ -106,8 +111,9 @@ class ReaderStatistics:
     def all_reduce(self) -> None:
         """Sum the statistics over the ranks of a torchrun group (float64 sums: the order changes them only at the
         level of rounding), so every rank holds those of every rank's rows."""
-        for tensor in (self.gram, self.cross, self.input_sum, self.output_sum):
-            distributed.all_reduce_sum(tensor)
+        for tensor in (self.gram, self.cross, self.input_sum, self.output_sum, self.output_square):
+            if tensor is not None:
+                distributed.all_reduce_sum(tensor)
         self.rows = distributed.sum_scalar(self.rows)
 
     def solve(self, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -275,9 +281,11 @@ def reconstruction_statistics(model: nn.Module, plan: Plan, data, *, units: Unit
     return statistics
 
 
-def refit_readers(model: nn.Module, statistics: dict[str, ReaderStatistics], *, ridge: float = RIDGE) -> list[str]:
+def refit_readers(model: nn.Module, statistics: dict[str, ReaderStatistics], *,
+                  ridge: float | None = None) -> list[str]:
     """Write each reader's least-squares solution into the PRUNED `model` (after `apply_plan`); returns their
-    names."""
+    names. The ridge is chosen per reader by generalised cross-validation, or fixed at `ridge` (relative, as RIDGE)
+    when given."""
     with torch.no_grad():
         for name, stats in statistics.items():
             module = model.get_submodule(name)
@@ -288,7 +296,7 @@ def refit_readers(model: nn.Module, statistics: dict[str, ReaderStatistics], *, 
                     f"{expected} (outputs, inputs): apply the plan the statistics were collected for, once, before "
                     "refit_readers"
                 )
-            weight, bias = stats.solve(ridge)
+            weight, bias = stats.solve_validated() if ridge is None else stats.solve(ridge)
             module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
             if bias is not None:
                 module.bias.copy_(bias.to(module.bias.dtype))
@@ -312,6 +320,7 @@ def _from_moments(statistics: dict[str, ReaderStatistics], moments: dict[str, li
         stats.cross.copy_(outer[index][:, outputs].to(device))
         stats.input_sum.copy_(total[index].to(device))
         stats.output_sum.copy_(total[outputs].to(device))
+        stats.output_square = outer[outputs, outputs].to(device)
         stats.rows = count
         filled.add(name)
     return filled
@@ -333,7 +342,8 @@ def _empty_statistics(name, module, kept_in, kept_out, device) -> ReaderStatisti
 
     weight = module.weight.detach()[kept_out.to(module.weight.device)][:, kept_in.to(module.weight.device)]
     return ReaderStatistics(name, kept_in, kept_out, module.bias is not None, zeros(k, k), zeros(k, out), zeros(k),
-                            zeros(out), prior=weight.reshape(out, k).to(device=device, dtype=torch.float64))
+                            zeros(out), prior=weight.reshape(out, k).to(device=device, dtype=torch.float64),
+                            output_square=zeros(out))
 
 
 def _rows(module: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor, kept_outputs: torch.Tensor,
@@ -400,7 +410,6 @@ def refit_sequentially(original: nn.Module, pruned: nn.Module, plan: Plan, data,
             kept_in, kept_out = readers[name]
             module = pruned.get_submodule(name)
             stats = _empty_statistics(name, original.get_submodule(name), kept_in, kept_out, device)
-            stats.output_square = torch.zeros_like(stats.output_sum)
             every_input = torch.arange(len(kept_in))
             positions = reader_positions(stats, images, positions_per_image)
             generator = torch.Generator().manual_seed(seed)
