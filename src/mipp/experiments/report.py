@@ -2,10 +2,10 @@
 
     OUT/results.md     per model and data set: accuracy (mean ± std over seeds) per method and target, MIPP against
                        each baseline, and the figures; then selection cost, the planted network, skipped runs
-    OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), paired and
-                       (MIPP against each baseline and each of its own variants, kind "baseline" / "ablation",
-                       at equal targets), matched (at the sparsity MIPP chose), missed, bases (the trained base models),
-                       cost, planted, deformed
+    OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), paired (MIPP
+                       against each baseline and each of its own variants, kind "baseline" / "ablation", at equal
+                       targets), matched (at the sparsity MIPP chose), missed, bases (the trained base models), cost,
+                       planted, deformed
     (with --latency FILE, a table of measured latency, from benchmarks/bench_latency.py, and OUT/tables/latency.csv)
     OUT/figures/*.png  accuracy vs sparsity, layer collapse per 5% bin, per-layer kept fraction / network's kept
                        fraction, accuracy vs fine-tuning budget, selection cost
@@ -93,8 +93,7 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     deformed = statistics.deformed_rows(rows, stages)
     pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
     csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary,
-            "cost": cost, "bases": bases,
-            "planted": planted, "deformed": tables.deformed_csv(deformed),
+            "cost": cost, "bases": bases, "planted": planted, "deformed": tables.deformed_csv(deformed),
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:

@@ -10,6 +10,7 @@ reconstruct record both, so the choice of units is also judged on its own), "ft<
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -118,8 +119,6 @@ def base_rows(bases) -> list[dict]:
     """The trained base models, per store, model and data (over their seeds): epochs, test accuracy (mean, std,
     range), and from the training history the last epoch's train accuracy and loss beside the loss three epochs
     earlier, or of the first epoch of a shorter schedule (how flat the end of the schedule is)."""
-    import re
-
     groups = defaultdict(list)
     for store, name, metrics in bases:
         label = re.sub(r"-s\d+-[0-9a-f]{10}$", "", name)
