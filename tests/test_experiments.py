@@ -216,6 +216,10 @@ def test_report_writes_tables_and_figures(full_sweep, tmp_path):
     assert [(b["base"], b["epochs"], b["seeds"], b["training_images"]) for b in bases] == [
         ("mlp-synthetic", "3", "2", "")]
     assert float(bases[0]["train_loss_3_before"]) > 0 and "## Base models" in text
+    with open(out / "tables" / "compute.csv") as handle:
+        (compute,) = list(csv.DictReader(handle))
+    assert (compute["runs"], compute["bases"]) == (str(N_RUNS), "2") and float(compute["hours"]) > 0
+    assert float(compute["hours"]) == pytest.approx(float(compute["run_hours"]) + float(compute["base_hours"]))
     assert "interpolated" not in text.replace("nothing is interpolated", "")
 
 

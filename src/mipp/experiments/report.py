@@ -4,8 +4,8 @@
                        each baseline, and the figures; then selection cost, the planted network, skipped runs
     OUT/tables/*.csv   runs (one row per run), summary (per model, data, regime, method, target), paired (MIPP
                        against each baseline and each of its own variants, kind "baseline" / "ablation", at equal
-                       targets), matched (at the sparsity MIPP chose), missed, bases (the trained base models), cost,
-                       planted, deformed
+                       targets), matched (at the sparsity MIPP chose), missed, bases (the trained base models), compute
+                       (CPU-hours per store), cost, planted, deformed
     (with --latency FILE, a table of measured latency, from benchmarks/bench_latency.py, and OUT/tables/latency.csv)
     OUT/figures/*.png  accuracy vs sparsity, layer collapse per 5% bin, per-layer kept fraction / network's kept
                        fraction, accuracy vs fine-tuning budget, selection cost
@@ -42,6 +42,12 @@ def load(dirs) -> tuple[list, list, list[tuple[str, dict]]]:
 def load_bases(dirs) -> list[tuple[str, str, dict]]:
     """(store, base folder name, base.json) of every trained base model in the stores in `dirs`."""
     return [(Path(folder).name, name, metrics) for folder in dirs for name, metrics in ResultStore(folder).bases()]
+
+
+def load_compute(dirs) -> list[tuple[str, list, list[dict]]]:
+    """(store, finished records, base.json list) per store in `dirs`: what `statistics.compute_rows` sums."""
+    return [(Path(folder).name, [r for r in ResultStore(folder).records() if r.status == "done"],
+             [metrics for _, metrics in ResultStore(folder).bases()]) for folder in dirs]
 
 
 def _apart(found: list[tuple[str, RunRecord]]) -> list[RunRecord]:
@@ -89,11 +95,11 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     rows = [r for r in every_row if not r["matched"]]
     summary = statistics.summarize(rows, stages)
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
-    bases = statistics.base_rows(load_bases(dirs))
+    bases, compute = statistics.base_rows(load_bases(dirs)), statistics.compute_rows(load_compute(dirs))
     deformed = statistics.deformed_rows(rows, stages)
     pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
     csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary,
-            "cost": cost, "bases": bases, "planted": planted, "deformed": tables.deformed_csv(deformed),
+            "cost": cost, "bases": bases, "compute": compute, "planted": planted, "deformed": tables.deformed_csv(deformed),
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:
@@ -107,6 +113,7 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     md.append(tables.matched_section(matched, stages))
     md.append(tables.missed_section(missed))
     md.append(tables.bases_section(bases))
+    md.append(tables.compute_section(compute))
     names = []
     for model, data in sorted({(r["model"], r["data"]) for r in rows}):
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{data}".replace("@", "w")).strip("_")

@@ -143,6 +143,24 @@ def base_rows(bases) -> list[dict]:
     return out
 
 
+def compute_rows(stores) -> list[dict]:
+    """CPU time behind each store, from its records and base models: per (store, finished records, base.json list),
+    the hours of its runs (selection, repair, evaluation and every fine-tuning, as each record timed them) and of
+    training its base models. Each process ran one thread, so these are CPU-hours of one core."""
+    out = []
+    for store, records, bases in stores:
+        run_seconds = 0.0
+        for r in records:
+            timings = r.timings or {}
+            run_seconds += sum(timings.get(k) or 0.0 for k in ("selection_seconds", "repair_seconds",
+                                                                 "evaluate_seconds"))
+            run_seconds += sum((timings.get("finetune_seconds") or {}).values())
+        base_seconds = sum(m.get("train_seconds") or 0.0 for m in bases)
+        out.append({"store": store, "runs": len(records), "run_hours": run_seconds / 3600, "bases": len(bases),
+                    "base_hours": base_seconds / 3600, "hours": (run_seconds + base_seconds) / 3600})
+    return out
+
+
 def selection_cost(rows) -> list[dict]:
     groups = defaultdict(list)
     for r in rows:

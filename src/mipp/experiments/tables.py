@@ -163,6 +163,21 @@ def bases_section(bases) -> str:
                       "train accuracy, last epoch (%)", "train loss, 3 epochs before -> last", "minutes"], rows))
 
 
+def compute_section(compute) -> str:
+    """CPU time per store and in all, as the records and base models timed it."""
+    if not compute:
+        return ""
+    rows = [[c["store"], c["runs"], f"{c['run_hours']:.1f}", c["bases"], f"{c['base_hours']:.1f}",
+             f"{c['hours']:.1f}"] for c in compute]
+    rows.append(["all", sum(c["runs"] for c in compute), f"{sum(c['run_hours'] for c in compute):.1f}",
+                 sum(c["bases"] for c in compute), f"{sum(c['base_hours'] for c in compute):.1f}",
+                 f"{sum(c['hours'] for c in compute):.1f}"])
+    return ("\n## Compute\n\nCPU-hours of one core (every sweep process ran one thread) behind the finished runs: "
+            "selection, repair, evaluation and fine-tuning as each record timed them, and training the base "
+            "models.\n\n" + markdown(["store", "finished runs", "run hours", "base models", "base hours",
+                                      "hours"], rows))
+
+
 # ---------------------------------------------------------------------------------- sections of results.md
 
 
