@@ -17,7 +17,7 @@ generalised cross-validation (`ReaderStatistics.solve_validated`): where the rem
 the kept ones the target is an exact function of the kept inputs and the smallest ridge wins (the fit stays exact);
 where they are not, a fixed tiny ridge chased the rest along directions of tiny variance (ThiNet's choice on a
 LeNet-5 protocol base, 50% of MACs: weights up to 43 where the original's were 0.5, and fine-tuning diverged;
-with the ridge chosen, 13 and 79% after one epoch).
+with the ridge chosen, 13, though its fine-tuning still fell to chance with one of two data orders).
 
 Two modes (`reconstruct=`). "independent": each reader is fitted on the original network's inputs, all in that one
 pass (or none, after MIPP's patch features, whose moments are these sums); errors that earlier layers leave are
