@@ -127,8 +127,8 @@ def matched_table(matched) -> str:
 
 def findings(pairs, planted, matched=()) -> str:
     """The findings block, START to END."""
-    headline = [p for p in pairs if p["reference"] == DEFAULT and p.get("kind", "baseline") == "baseline"]
-    ablations = [p for p in pairs if p["reference"] == DEFAULT and p.get("kind") == "ablation"]
+    headline = [p for p in pairs if p["reference"] == DEFAULT and p["kind"] == "baseline"]
+    ablations = [p for p in pairs if p["reference"] == DEFAULT and p["kind"] == "ablation"]
     confidence = [p for p in matched if p["reference"].startswith(DEFAULT)]
     lines = [START, ""]
     if headline:

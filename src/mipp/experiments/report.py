@@ -26,28 +26,27 @@ from mipp.experiments.record import RunRecord
 from mipp.experiments.store import ResultStore
 
 
-def load(dirs) -> tuple[list, list, list[tuple[str, dict]]]:
-    """(finished runs, skipped and failed runs, (store, sweep log line) pairs) from the stores in `dirs`."""
-    done, other, sweeps = [], [], []
+def read_stores(dirs) -> list[tuple[str, str, list[RunRecord], list[dict], list[tuple[str, dict]]]]:
+    """Each store in `dirs`, read once: (folder, name, its records, its sweep log lines, (base folder name,
+    base.json) of its trained base models)."""
+    out = []
     for folder in dirs:
         store = ResultStore(folder)
         if not store.runs_dir.is_dir():
             raise FileNotFoundError(f"{folder} holds no runs/ folder: pass the --out folder of a `mipp sweep`")
-        for record in store.records():
-            (done if record.status == "done" else other).append((Path(folder).name, record))
-        sweeps += [(str(folder), line) for line in store.sweeps()]
+        out.append((str(folder), Path(folder).name, list(store.records()), store.sweeps(), store.bases()))
+    return out
+
+
+def load(dirs, stores=None) -> tuple[list, list, list[tuple[str, dict]]]:
+    """(finished runs, skipped and failed runs, (store, sweep log line) pairs) from the stores in `dirs` (or from
+    `stores`, what `read_stores` read)."""
+    done, other, sweeps = [], [], []
+    for folder, name, records, lines, _ in stores if stores is not None else read_stores(dirs):
+        for record in records:
+            (done if record.status == "done" else other).append((name, record))
+        sweeps += [(folder, line) for line in lines]
     return _apart(done), _apart(other), sweeps
-
-
-def load_bases(dirs) -> list[tuple[str, str, dict]]:
-    """(store, base folder name, base.json) of every trained base model in the stores in `dirs`."""
-    return [(Path(folder).name, name, metrics) for folder in dirs for name, metrics in ResultStore(folder).bases()]
-
-
-def load_compute(dirs) -> list[tuple[str, list, list[dict]]]:
-    """(store, finished records, base.json list) per store in `dirs`: what `statistics.compute_rows` sums."""
-    return [(Path(folder).name, [r for r in ResultStore(folder).records() if r.status == "done"],
-             [metrics for _, metrics in ResultStore(folder).bases()]) for folder in dirs]
 
 
 def _apart(found: list[tuple[str, RunRecord]]) -> list[RunRecord]:
@@ -84,7 +83,8 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     `latency`, the path of a benchmarks/bench_latency.py result, a latency section)."""
     out = Path(out)
     latency_result = load_latency(latency) if latency is not None else None
-    done, other, sweeps = load(dirs)
+    stores = read_stores(dirs)
+    done, other, sweeps = load(dirs, stores)
     if not done:
         raise ValueError(f"no finished runs in {', '.join(map(str, dirs))}: run `mipp sweep` first")
     stages = statistics.stage_names(done)
@@ -95,11 +95,14 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     rows = [r for r in every_row if not r["matched"]]
     summary = statistics.summarize(rows, stages)
     cost, planted = statistics.selection_cost(rows), statistics.planted_rows(done)
-    bases, compute = statistics.base_rows(load_bases(dirs)), statistics.compute_rows(load_compute(dirs))
+    bases = statistics.base_rows([(name, base, metrics) for _, name, _, _, found in stores for base, metrics in found])
+    compute = statistics.compute_rows([(name, [r for r in records if r.status == "done"], [m for _, m in found])
+                                       for _, name, records, _, found in stores])
     deformed = statistics.deformed_rows(rows, stages)
     pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
     csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary,
-            "cost": cost, "bases": bases, "compute": compute, "planted": planted, "deformed": tables.deformed_csv(deformed),
+            "cost": cost, "bases": bases, "compute": compute, "planted": planted,
+            "deformed": tables.deformed_csv(deformed),
             "latency": latency_result["rows"] if latency_result else []}
     for name, table in csvs.items():
         if table:
