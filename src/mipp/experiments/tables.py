@@ -6,8 +6,6 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 from mipp.experiments.statistics import present, target_order
 
 METRIC_WORDS = {"units": "units", "params": "params", "macs": "MACs"}
