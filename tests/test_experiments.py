@@ -342,6 +342,45 @@ def test_the_default_mipp_is_paired_with_its_variants_as_ablations_and_no_varian
                      ("mipp", "mipp-widths-random", "ablation"): 0.1, ("mipp-mean", "random", "baseline"): 0.15}
 
 
+def test_an_ablation_that_misses_its_target_is_compared_with_mipp_at_the_cost_it_reached(tmp_path):
+    """mipp-uniform keeps one share of every layer and can miss a target; MIPP run at the very cost each of its
+    runs reached ("mipp@mipp-uniform", a matched run) is paired with it instead of the direct run."""
+    store = ResultStore(tmp_path)
+    for seed in range(3):
+        store.put(fake_record("mipp", 0.5, seed, 0.5, 0.5, 0.80 + 0.01 * seed))
+        store.put(fake_record("mipp-uniform", 0.5, seed, 0.53, 0.5, 0.70, method_name="mipp-uniform"))
+        store.put(fake_record("mipp-greedy", 0.5, seed, 0.5, 0.5, 0.79 + 0.01 * seed, method_name="mipp"))
+        reached = 0.53 + (0.02 if seed == 2 else 0.0)  # seed 2's run missed the uniform one's cost: left out
+        store.put(fake_record("mipp@mipp-uniform", reached, seed, reached, 0.5, 0.75 + 0.01 * seed,
+                              method_name="mipp", run_id=f"at-{seed}",
+                              matched={"label": "mipp-uniform", "run_id": f"mipp-uniform-0.5-{seed}"}))
+    done, _, _ = report.load([tmp_path])
+    every_row = statistics.run_rows(done, ["pruned"])
+    rows = [r for r in every_row if not r["matched"]]
+    direct = statistics.paired_differences(rows, ["pruned"])
+    assert {p["baseline"] for p in direct if p["kind"] == "ablation"} == {"mipp-greedy"}  # uniform missed 50%
+    pairs = {p["baseline"]: p for p in statistics.at_reached_cost(every_row, direct, ["pruned"])}
+    at = pairs["mipp-uniform (at its cost)"]
+    assert (at["kind"], at["reference"], at["target"], at["n"], at["missed"]) == ("ablation", "mipp", 0.5, 2, 1)
+    assert at["difference"] == pytest.approx(0.055) and at["reference_accuracy"] == pytest.approx(0.755)
+    assert pairs["mipp-greedy"]["difference"] == pytest.approx(0.01)
+    assert statistics.matched_differences(every_row, ["pruned"]) == []  # not a baseline at MIPP's chosen sparsity
+    # where the ablation did reach its target, the pair at its cost replaces the direct one
+    for seed in range(3):
+        store.put(fake_record("mipp-uniform", 0.5, seed, 0.5, 0.5, 0.70, method_name="mipp-uniform"))
+        store.put(fake_record("mipp@mipp-uniform", 0.5, seed, 0.5, 0.5, 0.76, method_name="mipp",
+                              run_id=f"at-{seed}", matched={"label": "mipp-uniform",
+                                                            "run_id": f"mipp-uniform-0.5-{seed}"}))
+    done, _, _ = report.load([tmp_path])
+    every_row = statistics.run_rows(done, ["pruned"])
+    direct = statistics.paired_differences([r for r in every_row if not r["matched"]], ["pruned"])
+    assert "mipp-uniform" in {p["baseline"] for p in direct}
+    pairs = statistics.at_reached_cost(every_row, direct, ["pruned"])
+    assert sorted(p["baseline"] for p in pairs if p["kind"] == "ablation") == ["mipp-greedy",
+                                                                               "mipp-uniform (at its cost)"]
+    assert next(p for p in pairs if p["baseline"].startswith("mipp-uniform"))["difference"] == pytest.approx(0.06)
+
+
 def test_targets_of_different_metrics_stay_apart_in_tables(tmp_path):
     store = ResultStore(tmp_path)
     store.put(fake_record("mipp", 0.5, 0, 0.5, 0.8, 0.6))
@@ -468,11 +507,25 @@ def test_matched_targets_remove_what_the_run_they_match_removed(tmp_path):
                                                                         ("mipp-x0.9", "magnitude-l1", 2)}
 
 
+def test_a_matched_target_of_a_label_with_several_targets_gives_one_run_per_run_of_that_label():
+    config = SweepConfig(**{**MATCHED, "targets": [0.3, 0.6], "methods": [
+        "mipp-uniform", {"name": "mipp", "label": "mipp@mipp-uniform", "targets": ["as:mipp-uniform"]}]})
+    runs = expand(config)
+    uniform = [r for r in runs if r.method["label"] == "mipp-uniform"]
+    matched = [r for r in runs if r.method["label"] == "mipp@mipp-uniform"]
+    assert len(uniform) == len(matched) == 4  # 2 seeds x 2 targets
+    for run in matched:
+        reference = next(r for r in uniform if r.run_id == run.target["run"])
+        assert reference.seed == run.seed and runs.index(reference) < runs.index(run)
+    assert len({r.run_id for r in matched}) == 4
+
+
 def test_matched_targets_name_a_label_with_one_target_per_seed():
     with pytest.raises(ValueError, match="names no method label"):
         expand(SweepConfig(**{**MATCHED, "methods": ["mipp", {"name": "random", "targets": ["as:mipp-x0.9"]}]}))
-    with pytest.raises(ValueError, match="exactly one target"):
-        expand(SweepConfig(**{**MATCHED, "methods": ["mipp", {"name": "random", "targets": ["as:mipp"]}]}))
+    with pytest.raises(ValueError, match="targets of its own"):  # matching a matched run
+        expand(SweepConfig(**{**MATCHED, "methods": MATCHED["methods"] + [
+            {"name": "random", "label": "again", "targets": ["as:magnitude-l1"]}]}))
     with pytest.raises(ValueError, match="matched target"):
         expand(SweepConfig(**{**MATCHED, "methods": ["mipp", {"name": "random", "targets": [{"as": 3}]}]}))
 

@@ -16,8 +16,9 @@ Entries may be short names or dicts:
            a method designed for one regime, such as SNIP at initialisation, need not be run in the other)
 A target is a fraction of `metric` to remove; null lets the method decide (MIPP's confidence mode); {"as": LABEL}
 (or "as:LABEL") removes what the run of the method labelled LABEL removed, on the same base model (same model, data,
-seed and regime): every baseline at the sparsity MIPP's confidence mode chose, with no interpolation. LABEL must run
-one target per seed and regime; the matched run's identity holds that run's id, and it runs after it.
+seed and regime): every baseline at the sparsity MIPP's confidence mode chose, with no interpolation. Where LABEL
+runs several targets, the entry becomes one run per run of LABEL. A matched run's identity holds the id of the run it
+matches, and it runs after it.
 finetune_epochs is a list of budgets for every regime, or a dict regime -> list (training a net pruned at
 initialisation usually needs more epochs than fine-tuning a pruned trained one); budget 0 is always recorded.
 """
@@ -266,7 +267,9 @@ def expand(config: SweepConfig) -> list[RunSpec]:
 
 def _matched_after_their_references(runs: list[RunSpec]) -> list[RunSpec]:
     """Give each run with a matched target ({"as": LABEL}) the id of the run it matches (same model, data, seed and
-    regime, method label LABEL, in its identity) and move it after the runs of its model, data and seed."""
+    regime, method label LABEL, in its identity) and move it after the runs of its model, data and seed. Where LABEL
+    runs several targets per seed and regime, the matched entry becomes one run per run of LABEL (e.g. MIPP at the
+    very cost each target of an ablation reached)."""
     def place(run):
         return (stable_hash(run.model), stable_hash(run.data), run.seed)
 
@@ -274,23 +277,24 @@ def _matched_after_their_references(runs: list[RunSpec]) -> list[RunSpec]:
     for run in runs:
         by_label.setdefault(place(run) + (run.regime, run.method["label"]), []).append(run)
     labels = {run.method["label"] for run in runs}
+    resolved = []
     for run in runs:
         if not isinstance(run.target, dict):
+            resolved.append(run)
             continue
         label = run.target["as"]
         if label not in labels:
             raise ValueError(f"target as:{label} of {run.method['label']!r} names no method label of this sweep; "
                              f"labels: {sorted(labels)}")
         found = by_label.get(place(run) + (run.regime, label), [])
-        if len(found) != 1 or isinstance(found[0].target, dict):
-            raise ValueError(f"target as:{label} needs {label!r} to run exactly one target of its own per seed and "
-                             f"regime; it runs {len(found)} in the {run.regime} regime (give it one, e.g. "
-                             "\"targets\": [null])")
-        run.target = {"as": label, "run": found[0].run_id}
+        if not found or any(isinstance(reference.target, dict) for reference in found):
+            raise ValueError(f"target as:{label} needs {label!r} to run targets of its own (a fraction or null) in "
+                             f"the {run.regime} regime; it runs {len(found)}, matched or none")
+        resolved += [dataclasses.replace(run, target={"as": label, "run": reference.run_id}) for reference in found]
     blocks: dict[tuple, int] = {}  # the runs of one model, data and seed follow each other (see expand)
-    for run in runs:
+    for run in resolved:
         blocks.setdefault(place(run), len(blocks))
-    return sorted(runs, key=lambda run: (blocks[place(run)], isinstance(run.target, dict)))  # stable
+    return sorted(resolved, key=lambda run: (blocks[place(run)], isinstance(run.target, dict)))  # stable
 
 
 def _budgets(spec, regime: str) -> tuple[int, ...]:

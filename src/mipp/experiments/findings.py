@@ -142,7 +142,8 @@ def findings(pairs, planted, matched=()) -> str:
         lines += ["Ablations: MIPP minus each of its own variants (same base models, paired over seeds; "
                   "`mipp-mean`: spatial-mean features; `mipp-greedy`: greedy re-ranking instead of the fixed MI "
                   "order; `mipp-widths-*`: MIPP's per-layer widths, units inside each layer chosen at random or "
-                  "by L1; `mipp-uniform`: the same share kept in every layer, MIPP's choice of units).", "",
+                  "by L1; `mipp-uniform`: the same share kept in every layer, MIPP's choice of units; "
+                  "\"(at its cost)\": against MIPP run at the very cost each of the variant's runs reached).", "",
                   ablation_table(ablations).rstrip("\n"), ""]
     if confidence:
         lines += ["The paper's confidence mode chooses the sparsity itself; every baseline run at the fraction it "

@@ -99,7 +99,8 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     compute = statistics.compute_rows([(name, [r for r in records if r.status == "done"], [m for _, m in found])
                                        for _, name, records, _, found in stores])
     deformed = statistics.deformed_rows(rows, stages)
-    pairs, missed = statistics.paired_differences(rows, stages), statistics.missed_targets(rows)
+    pairs = statistics.at_reached_cost(every_row, statistics.paired_differences(rows, stages), stages)
+    missed = statistics.missed_targets(rows)
     csvs = {"runs": every_row, "paired": pairs, "matched": matched, "missed": missed, "summary": summary,
             "cost": cost, "bases": bases, "compute": compute, "planted": planted,
             "deformed": tables.deformed_csv(deformed),

@@ -243,6 +243,41 @@ def paired_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
     return out
 
 
+def at_reached_cost(rows, pairs, stages, confidence: float = 0.95) -> list[dict]:
+    """`pairs` (from `paired_differences`) with MIPP's default compared to an ablation at the very cost the
+    ablation reached, where such runs exist: a matched run labelled "DEFAULT@LABEL" (e.g. `mipp@mipp-uniform`,
+    targets ["as:mipp-uniform"]) runs MIPP's shipped default at the fraction each LABEL run removed. Such a pair
+    (kind "ablation", the LABEL run's target, baseline "LABEL (at its cost)") replaces the direct one of its cell:
+    an ablation that keeps the same share of every layer can miss a MACs target on a small net by 2 points, and
+    would otherwise not be compared at all. Pairs whose two runs removed fractions more than MISS apart are left
+    out and counted in `missed`."""
+    by_id = {r["run_id"]: r for r in rows}
+    groups = defaultdict(list)  # (model, data, regime, metric, target, ablation) -> [(default row, ablation row)]
+    missed = defaultdict(int)
+    for row in rows:
+        ablation = by_id.get(row["matched_run"]) if row["matched"] else None
+        if ablation is None or ablation["target"] is None or row["method"] != f"{DEFAULT}@{row['matched']}":
+            continue
+        cell = (row["model"], row["data"], row["regime"], row["metric"], ablation["target"], row["matched"])
+        if abs(row[f"{row['metric']}_removed"] - ablation[f"{row['metric']}_removed"]) > MISS:
+            missed[cell] += 1
+        else:
+            groups[cell].append((row, ablation))
+    found = []
+    for cell in sorted(set(groups) | set(missed), key=lambda c: c[:4] + (target_order(c[4]), c[5])):
+        model, data, regime, metric, target, ablation = cell
+        for stage in stages:
+            paired = _paired(groups[cell], stage, confidence)
+            if paired:
+                found.append({"model": model, "data": data, "regime": regime, "metric": metric, "target": target,
+                              "stage": stage, "reference": DEFAULT, "baseline": f"{ablation} (at its cost)",
+                              "kind": "ablation", **paired, "missed": missed[cell]})
+    replaced = {cell for cell in groups if groups[cell]}
+    kept = [p for p in pairs if p["kind"] != "ablation" or p["reference"] != DEFAULT or
+            (p["model"], p["data"], p["regime"], p["metric"], p["target"], p["baseline"]) not in replaced]
+    return kept + found
+
+
 def _paired(row_pairs, stage: str, confidence: float) -> dict | None:
     """The paired difference of test accuracy at `stage` over (reference row, baseline row) pairs of one seed each:
     n, both means, the difference's mean, standard deviation and Student-t interval, and the verdict."""
@@ -267,7 +302,8 @@ def matched_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
     """Each baseline run at the sparsity another run chose (a matched target, e.g. MIPP's confidence mode) against
     that run, paired by seed as in `paired_differences`: per model, data, regime, metric, reference label, baseline
     and stage, with the reference's mean fraction of the metric removed; a pair whose two runs removed fractions more
-    than MISS apart is left out and counted in `missed`."""
+    than MISS apart is left out and counted in `missed`. Only references that chose their own sparsity (no target):
+    runs matched to a run with a target are MIPP at an ablation's reached cost (see `at_reached_cost`)."""
     references = {r["run_id"]: r for r in rows}
     groups = defaultdict(lambda: defaultdict(list))  # (model, data, regime, metric, label) -> baseline -> pairs
     missed = defaultdict(int)
@@ -275,7 +311,7 @@ def matched_differences(rows, stages, confidence: float = 0.95) -> list[dict]:
         if not row["matched"]:
             continue
         reference = references.get(row["matched_run"])
-        if reference is None:
+        if reference is None or reference["target"] is not None:
             continue
         cell = (row["model"], row["data"], row["regime"], row["metric"], row["matched"])
         metric = row["metric"]
