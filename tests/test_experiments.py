@@ -329,6 +329,21 @@ def test_findings_count_the_verdicts_name_every_loss_and_replace_the_readme_bloc
         replace_block(readme, text)
 
 
+def test_findings_compare_nets_pruned_at_initialisation_after_training_only_and_show_reached_costs():
+    from mipp.experiments.findings import findings
+
+    pair = dict(model="m", data="d", metric="macs", reference="mipp", n=3, target=0.5, reference_accuracy=0.8,
+                baseline_accuracy=0.7, difference=0.1, ci_low=0.05, ci_high=0.15, verdict="ahead", kind="baseline",
+                baseline="random")
+    text = findings([{**pair, "regime": "init", "stage": "pruned", "reference_accuracy": 0.11},
+                     {**pair, "regime": "init", "stage": "ft5"},
+                     {**pair, "regime": "trained", "stage": "pruned", "kind": "ablation",
+                      "baseline": "mipp-uniform (at its cost)", "removed": 0.513}], [])
+    assert "| m / d | init | 50% MACs | 3 | after 5 epoch(s) | 80.0 | 1 | 1 | 0 | 0 | 0 |" in text
+    assert "| right after pruning | 11.0 |" not in text  # an untrained net: every method at chance
+    assert "| 50% MACs (reached 51.3) | right after pruning | mipp-uniform (at its cost) | +10.0" in text
+
+
 def test_the_default_mipp_is_paired_with_its_variants_as_ablations_and_no_variant_is_a_baseline(tmp_path):
     store = ResultStore(tmp_path)
     for seed in range(2):
@@ -363,6 +378,7 @@ def test_an_ablation_that_misses_its_target_is_compared_with_mipp_at_the_cost_it
     at = pairs["mipp-uniform (at its cost)"]
     assert (at["kind"], at["reference"], at["target"], at["n"], at["missed"]) == ("ablation", "mipp", 0.5, 2, 1)
     assert at["difference"] == pytest.approx(0.055) and at["reference_accuracy"] == pytest.approx(0.755)
+    assert at["removed"] == pytest.approx(0.53)  # what the ablation's runs reached
     assert pairs["mipp-greedy"]["difference"] == pytest.approx(0.01)
     assert statistics.matched_differences(every_row, ["pruned"]) == []  # not a baseline at MIPP's chosen sparsity
     # where the ablation did reach its target, the pair at its cost replaces the direct one

@@ -5,7 +5,8 @@ numbers are never copied by hand.
 1. MIPP with its shipped defaults (label `statistics.DEFAULT`) against the baselines: per model, data set, regime,
    budget metric and stage, MIPP's mean accuracy at each directly run target and how many comparisons put it ahead,
    behind or not distinguishable by the 95% interval of the paired difference over seeds (see
-   `statistics.paired_differences`), and in how many its mean is lower.
+   `statistics.paired_differences`), and in how many its mean is lower. A net pruned at initialisation counts
+   after its training only (before, every method is at chance).
 2. Where MIPP loses: every comparison it is behind by the interval, then every one whose mean is lower within it.
 3. The ablations (MIPP against its own variants), right after pruning and after the last budget.
 4. Every baseline at the sparsity MIPP's confidence mode chose (matched targets).
@@ -99,7 +100,10 @@ def ablation_table(pairs) -> str:
             by_variant[p["baseline"]].append(p)
         for variant, mine in sorted(by_variant.items()):
             mine.sort(key=lambda p: p["target"])
-            rows.append([f"{model} / {data}", regime, _targets({p["target"] for p in mine}, metric),
+            targets = _targets({p["target"] for p in mine}, metric)
+            if any("removed" in p for p in mine):  # compared at the cost the variant reached
+                targets += " (reached " + " / ".join(f"{100 * p['removed']:.1f}" for p in mine) + ")"
+            rows.append([f"{model} / {data}", regime, targets,
                          stage_words(stage), variant, " / ".join(f"{_lead(p)} {p['verdict']}" for p in mine)])
     return markdown(["model / data", "regime", "targets", "stage", "variant", "MIPP minus the variant (points)"],
                     rows)
@@ -125,8 +129,14 @@ def matched_table(matched) -> str:
                      "ahead", "not distinguishable", "behind", "mean lower"], rows)
 
 
+def _after_training(p: dict) -> bool:
+    """False for a net pruned at initialisation and not yet trained: every method is at chance there."""
+    return p["regime"] != "init" or p["stage"].startswith("ft")
+
+
 def findings(pairs, planted, matched=()) -> str:
     """The findings block, START to END."""
+    pairs, matched = [p for p in pairs if _after_training(p)], [p for p in matched if _after_training(p)]
     headline = [p for p in pairs if p["reference"] == DEFAULT and p["kind"] == "baseline"]
     ablations = [p for p in pairs if p["reference"] == DEFAULT and p["kind"] == "ablation"]
     confidence = [p for p in matched if p["reference"].startswith(DEFAULT)]
@@ -135,7 +145,9 @@ def findings(pairs, planted, matched=()) -> str:
         lines += [f"MIPP with its shipped defaults (`{DEFAULT}`) against each baseline, every method run directly at "
                   "each target and paired over seeds (both pruned the same base model): **ahead** or **behind** "
                   "when the 95% interval of MIPP's accuracy minus the baseline's lies above or below 0; \"mean "
-                  "lower\" counts the comparisons where MIPP's mean is below the baseline's, behind or not.", "",
+                  "lower\" counts the comparisons where MIPP's mean is below the baseline's, behind or not. A net "
+                  "pruned at initialisation is compared after its training only (before, every method is at "
+                  "chance; results.md has those tables too).", "",
                   baseline_table(headline).rstrip("\n"), ""]
         lines += losses(headline) + [""]
     if ablations:

@@ -247,7 +247,8 @@ def at_reached_cost(rows, pairs, stages, confidence: float = 0.95) -> list[dict]
     """`pairs` (from `paired_differences`) with MIPP's default compared to an ablation at the very cost the
     ablation reached, where such runs exist: a matched run labelled "DEFAULT@LABEL" (e.g. `mipp@mipp-uniform`,
     targets ["as:mipp-uniform"]) runs MIPP's shipped default at the fraction each LABEL run removed. Such a pair
-    (kind "ablation", the LABEL run's target, baseline "LABEL (at its cost)") replaces the direct one of its cell:
+    (kind "ablation", the LABEL run's target, baseline "LABEL (at its cost)", `removed` the mean fraction the LABEL
+    runs removed) replaces the direct one of its cell:
     an ablation that keeps the same share of every layer can miss a MACs target on a small net by 2 points, and
     would otherwise not be compared at all. Pairs whose two runs removed fractions more than MISS apart are left
     out and counted in `missed`."""
@@ -271,7 +272,8 @@ def at_reached_cost(rows, pairs, stages, confidence: float = 0.95) -> list[dict]
             if paired:
                 found.append({"model": model, "data": data, "regime": regime, "metric": metric, "target": target,
                               "stage": stage, "reference": DEFAULT, "baseline": f"{ablation} (at its cost)",
-                              "kind": "ablation", **paired, "missed": missed[cell]})
+                              "kind": "ablation", **paired, "missed": missed[cell],
+                              "removed": float(np.mean([a[f"{metric}_removed"] for _, a in groups[cell]]))})
     replaced = {cell for cell in groups if groups[cell]}
     kept = [p for p in pairs if p["kind"] != "ablation" or p["reference"] != DEFAULT or
             (p["model"], p["data"], p["regime"], p["metric"], p["target"], p["baseline"]) not in replaced]
