@@ -344,6 +344,41 @@ def test_findings_compare_nets_pruned_at_initialisation_after_training_only_and_
     assert "| 50% MACs (reached 51.3) | right after pruning | mipp-uniform (at its cost) | +10.0" in text
 
 
+def test_layer_collapse_is_counted_per_target_for_mipp_against_the_baselines(tmp_path):
+    from mipp.experiments.findings import findings
+
+    store = ResultStore(tmp_path)
+    for seed in range(2):
+        for method, target, guard in (("mipp", 0.5, False), ("mipp", 0.9, seed == 0), ("random", 0.5, True),
+                                      ("random", 0.9, False), ("tp-l1", 0.5, False), ("tp-l1", 0.9, True),
+                                      ("mipp-mean", 0.9, True)):
+            store.put(fake_record(method, target, seed, target, target, 0.8, method_name=method.split("-")[0]
+                                  if method.startswith("mipp") else method,
+                                  collapse={"any": guard, "guard": guard}))
+    done, _, _ = report.load([tmp_path])
+    summary = statistics.summarize(statistics.run_rows(done, ["pruned"]), ["pruned"])
+    text = findings([], [], [], summary)
+    # MIPP collapsed in 0 of 2 runs at 50% (random in both: more often) and 1 of 2 at 90% (random never, tp-l1
+    # always); its own variant mipp-mean is not a baseline
+    assert "| m / d | trained | 50 / 90% units | 0/2, 1/2 | 0, 1 | 1, 1 |" in text
+    section = tables.model_section("m", "d", 0.9, summary, ["pruned"], {})
+    assert "**trained, runs with layer collapse**" in section and "| random | 2/2 | 0/2 |" in section
+
+
+def test_removing_90_percent_of_lenet5_macs_leaves_one_first_layer_channel_whatever_the_method():
+    """The findings say so of every method's collapse at 90% of LeNet-5's MACs: two channels in its first layer
+    and one unit in every other layer remove less than 90%."""
+    from mipp.api import make_context
+    from mipp.models.registry import build_model
+
+    model = build_model("lenet5", num_classes=10, in_channels=1, input_size=28)  # Fashion-MNIST's shape
+    ctx = make_context(model, torch.randn(4, 1, 28, 28), n_samples=4)
+    first = next(g for g in ctx.units.groups if g.key == "features.0")
+    assert first.size == 6
+    kept = {g.key: [0] for g in ctx.units.groups} | {first.key: [0, 1]}
+    assert ctx.cost.fractions_removed(kept)["macs"] < 0.9
+
+
 def test_the_default_mipp_is_paired_with_its_variants_as_ablations_and_no_variant_is_a_baseline(tmp_path):
     store = ResultStore(tmp_path)
     for seed in range(2):

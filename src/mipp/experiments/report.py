@@ -109,7 +109,7 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
         if table:
             tables.write_csv(out / "tables" / f"{name}.csv", table)
     md = [tables.intro_section(len(done), len(other), command), tables.commands_section(sweeps, done)]
-    found = findings.findings(pairs, planted, matched)
+    found = findings.findings(pairs, planted, matched, summary)
     atomic_write_text(out / "findings.md", found)
     md.append("\n## Findings\n\nWhat the README carries (from the paired comparisons below).\n\n" + found)
     md.append(tables.paired_section([p for p in pairs if p["kind"] == "baseline"], stages))

@@ -217,6 +217,9 @@ def model_section(model: str, data: str, base: float | None, summary, stages, fi
             md.append(pivot(entries, lambda e, s=stage: accuracy_cell(e, s)))
         md.append(f"\n**{regime}, parameters / MACs removed (%)**\n\n")
         md.append(pivot(entries, lambda e: f"{100 * e['params_removed']:.1f} / {100 * e['macs_removed']:.1f}"))
+        md.append(f"\n**{regime}, runs with layer collapse** (a layer cut to its guard, or the net at chance after "
+                  "its last budget)\n\n")
+        md.append(pivot(entries, lambda e: f"{round(e['collapse_share'] * e['n'])}/{e['n']}"))
     md.append("\n" + "\n\n".join(f"![{kind}](figures/{name})" for kind, name in figures.items()) + "\n")
     return "".join(md)
 
