@@ -314,6 +314,8 @@ def test_findings_count_the_verdicts_name_every_loss_and_replace_the_readme_bloc
     # model / data | regime | targets | seeds | stage | MIPP | baselines | ahead | not distinguishable | behind | lower
     assert "| m / d | trained | 50 / 90% MACs | 3 | right after pruning | 80.0 / 60.0 | 2 | 1 | 2 | 1 | 2 |" in text
     assert "| m / d | trained | 90% MACs | 3 | after 1 epoch(s) | 70.0 | 1 | 0 | 1 | 0 | 0 |" in text
+    assert "- right after pruning: MIPP ahead in 1 of 4, behind in 1, not distinguishable in 2." in text
+    assert "- after 1 epoch(s): MIPP ahead in 0 of 1, behind in 0, not distinguishable in 1." in text
     assert ("- m / d, trained, 90% of MACs, right after pruning: random -2.0 [-3.0, -1.0] (MIPP 60.0%, random 62.0%)"
             in text)
     assert "- m / d, trained, MACs, right after pruning: tp-l1 at 50% -1.0" in text

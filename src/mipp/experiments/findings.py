@@ -158,6 +158,22 @@ def collapse_table(summary) -> str:
                      "often", "more often"], rows)
 
 
+def in_short(pairs) -> list[str]:
+    """One line per stage, over every model, regime and metric: how many comparisons MIPP is ahead in, behind in,
+    and cannot be told apart in."""
+    by_stage = defaultdict(lambda: defaultdict(int))
+    for p in pairs:
+        by_stage[p["stage"]][p["verdict"]] += 1
+    lines = ["In short, over every model, regime, budget metric and target below (comparisons with one baseline "
+             "each):", ""]
+    for stage in sorted(by_stage, key=stage_order):
+        v = by_stage[stage]
+        total = sum(v.values())
+        lines.append(f"- {stage_words(stage)}: MIPP ahead in {v['ahead']} of {total}, behind in {v['behind']}, "
+                     f"not distinguishable in {v['even'] + v['n<2']}.")
+    return lines
+
+
 def _after_training(p: dict) -> bool:
     """False for a net pruned at initialisation and not yet trained: every method is at chance there."""
     return p["regime"] != "init" or p["stage"].startswith("ft")
@@ -176,8 +192,8 @@ def findings(pairs, planted, matched=(), summary=()) -> str:
                   "when the 95% interval of MIPP's accuracy minus the baseline's lies above or below 0; \"mean "
                   "lower\" counts the comparisons where MIPP's mean is below the baseline's, behind or not. A net "
                   "pruned at initialisation is compared after its training only (before, every method is at "
-                  "chance; results.md has those tables too).", "",
-                  baseline_table(headline).rstrip("\n"), ""]
+                  "chance; results.md has those tables too).", ""] + in_short(headline) + [
+                  "", baseline_table(headline).rstrip("\n"), ""]
         lines += losses(headline) + [""]
     if ablations:
         lines += ["Ablations: MIPP minus each of its own variants (same base models, paired over seeds; "
@@ -194,7 +210,8 @@ def findings(pairs, planted, matched=(), summary=()) -> str:
     if collapse.count("\n") > 2:
         lines += ["Layer collapse, as the paper counts it: runs with a layer cut to its guard of one unit, or the "
                   "net at chance after its last budget, where any method collapsed (removing 90% of LeNet-5's MACs "
-                  "leaves room for one channel only in its 6-channel first layer, whatever the method):", "", collapse.rstrip("\n"), ""]
+                  "leaves room for one channel only in its 6-channel first layer, whatever the method):", "",
+                  collapse.rstrip("\n"), ""]
     for p in planted:
         if p["method"].startswith("mipp"):
             mode = "its confidence mode" if p["target"] is None else f"a {100 * p['target']:g}% budget"
