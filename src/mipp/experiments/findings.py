@@ -132,7 +132,7 @@ def matched_table(matched) -> str:
 def collapse_table(summary) -> str:
     """Per model, data, regime and metric where any method collapsed a layer: MIPP's runs with a collapse at each
     target, and how many baselines collapse less often or more often there."""
-    cells = defaultdict(dict)  # (model, data, regime, metric) -> target -> method -> (collapsed, runs)
+    cells = defaultdict(dict)  # (model, data, regime, metric) -> target -> method -> its summary entry
     names = {}
     for e in summary:
         if e["target"] is not None:
