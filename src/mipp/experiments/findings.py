@@ -131,7 +131,7 @@ def matched_table(matched) -> str:
 
 def collapse_table(summary) -> str:
     """Per model, data, regime and metric where any method collapsed a layer: MIPP's runs with a collapse at each
-    target, and how many baselines collapse less often or more often there."""
+    target, and how many baselines collapse less often or more often there ("" where none collapsed)."""
     cells = defaultdict(dict)  # (model, data, regime, metric) -> target -> method -> its summary entry
     names = {}
     for e in summary:
@@ -154,6 +154,8 @@ def collapse_table(summary) -> str:
             more.append(str(sum(s > share for s in shares)))
         rows.append([f"{model} / {data}", regime, _targets(order, metric), ", ".join(mine), ", ".join(fewer),
                      ", ".join(more)])
+    if not rows:
+        return ""
     return markdown(["model / data", "regime", "targets", "MIPP: runs with a collapse", "baselines collapsing less "
                      "often", "more often"], rows)
 
@@ -206,8 +208,8 @@ def findings(pairs, planted, matched=(), summary=()) -> str:
         lines += ["The paper's confidence mode chooses the sparsity itself; every baseline run at the fraction it "
                   "removed from the same base model, paired over seeds:", "",
                   matched_table(confidence).rstrip("\n"), ""]
-    collapse = collapse_table(summary) if summary else ""
-    if collapse.count("\n") > 2:
+    collapse = collapse_table(summary)
+    if collapse:
         lines += ["Layer collapse, as the paper counts it: runs with a layer cut to its guard of one unit, or the "
                   "net at chance after its last budget, where any method collapsed (removing 90% of LeNet-5's MACs "
                   "leaves room for one channel only in its 6-channel first layer, whatever the method):", "",
