@@ -39,7 +39,8 @@ def by_id(out) -> dict:
 
 def test_sweep_runs_everything_and_records_every_metric(full_sweep):
     out, counts = full_sweep
-    assert counts == {"out": str(out), "runs": N_RUNS, "already": 0, "done": N_RUNS, "skipped": 0, "failed": 0}
+    assert counts == {"out": str(out), "runs": N_RUNS, "already": 0, "done": N_RUNS, "skipped": 0, "failed": 0,
+                      "elsewhere": 0}
     records = by_id(out)
     assert len(records) == N_RUNS
     for r in records.values():

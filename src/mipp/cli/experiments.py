@@ -7,7 +7,8 @@
 Flags given with --config override the file's values; --width, --limit, --deform and --data-option apply to every
 model or data entry.  A sweep runs on one CPU thread by default: its runs are small, and multi-threaded kernels on a
 busy machine wait for descheduled threads (a LeNet-5 epoch took 7 s on one thread and 150 s on two here).  For
-parallelism run one process per core on the same --out: `--shard 0/2` and `--shard 1/2`.
+parallelism run the same command once per core: the processes share the runs of the --out they share, each taking
+the next run nobody holds (`--shard I/N` splits them in fixed shares instead, for machines without a shared disk).
 """
 from __future__ import annotations
 
@@ -73,9 +74,10 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per process (default 1: run more processes with --shard instead)")
+                        help="torch CPU threads per process (default 1: run more processes on the same --out instead)")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                        help="run only shard I of N (0-based): N processes can share one --out")
+                        help="run only shard I of N (0-based), a fixed share; processes on one --out share its "
+                             "runs without it")
     parser.add_argument("--dry-run", action="store_true", help="only count the runs and how many are finished")
     return parser
 
@@ -141,6 +143,8 @@ def render_sweep(result: dict) -> str:
         return f"{result['runs']} runs: {result['already']} finished, {result['to_do']} to do ({result['out']})"
     text = (f"{result['runs']} runs: {result['already']} already finished, {result['done']} done now, "
             f"{result['skipped']} skipped, {result['failed']} failed -> {result['out']}/runs")
+    if result.get("elsewhere"):
+        text += f"\n{result['elsewhere']} runs were still running in other processes on the same --out"
     if result["failed"]:
         text += "\nfailed runs keep their traceback in their record; fix the cause and rerun with --retry-failed"
     return text

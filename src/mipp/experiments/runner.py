@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mipp.experiments.claims import Busy, claim
 from mipp.experiments.config import RunSpec, SweepConfig, expand, repair_label
 from mipp.experiments.memory import PeakMemory
 from mipp.experiments.record import WITHOUT_RECONSTRUCTION, RunRecord
@@ -41,6 +42,7 @@ from mipp.units import find_units
 
 log = logging.getLogger(__name__)
 CHANCE_FACTOR = 1.2  # "untrainable": accuracy within 20% (relative) of chance after the largest budget
+WAIT_SECONDS = 10.0  # between tries of runs that wait for another process (a base model's training, a matched run)
 
 
 class NotApplicable(Exception):
@@ -240,9 +242,9 @@ class Runner:
         if not isinstance(run.target, dict):
             return run.target
         label, reference = run.target["as"], self.store.get(run.target["run"])
-        if reference is None or reference.status == "partial":
-            raise RuntimeError(f"this run removes what the {label!r} run {run.target['run']} removed, which has not "
-                               "finished: run the sweep again (matched runs follow the runs they match)")
+        if reference is None or reference.status == "partial":  # another process has it (it comes first in a sweep)
+            raise Busy(f"this run removes what the {label!r} run {run.target['run']} removed, which has not "
+                       "finished yet")
         if reference.status != "done":
             raise NotApplicable(f"the {label!r} run it matches ({run.target['run']}) is {reference.status}")
         reached = reference.removed[run.metric]
@@ -347,7 +349,11 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
     A run that raises (other than a ValueError of the selection: recorded as skipped) is recorded as failed with
     its traceback and the sweep goes on; rerun with retry_failed=True after a fix.  `on_record(record)` is called
     after each run is stored (an exception there stops the sweep: that is how tests interrupt it).
-    shard (i, n): only the i-th of n shards (see shard_runs), so that n processes can share one store.
+    Several processes may run the same sweep into one store at once: each claims a run before it starts it
+    (mipp.experiments.claims) and leaves to the others the runs they hold ("elsewhere" counts them); a run whose
+    base model another process is training, or whose matched run another process has not finished, waits for it,
+    so every process stays busy until the runs nobody holds are done.  shard (i, n): only the i-th of n fixed
+    shards (see shard_runs), for processes that do not share a file system.
     `progress`: a bar over the runs (terminal) or periodic lines naming the run (model, data, regime, method,
     target, seed) and its stage, plus one line per finished run (mipp.progress); the training inside is nested.
     """
@@ -356,35 +362,62 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
     store.log_sweep(config, argv)
     runner = Runner(store, device=config.device, data_root=config.data_root, progress=progress,
                     latency=config.latency)
-    counts = {"runs": len(runs), "already": 0, "done": 0, "skipped": 0, "failed": 0}
+    counts = {"runs": len(runs), "already": 0, "done": 0, "skipped": 0, "failed": 0, "elsewhere": 0}
     train_log = logging.getLogger("mipp.train")
     level = train_log.level
     train_log.setLevel(logging.WARNING)  # "resuming ..." for every fine-tuning would drown the sweep's progress
     try:
         with Progress(len(runs), config.name, "run", enabled=progress) as bar:
-            for run in runs:
-                existing = store.get(run.run_id)
-                if is_finished(existing, run.finetune_epochs, retry_failed):
-                    counts["already"] += 1
-                    bar.update(1)
-                    continue
-                name = run_name(run)
-                bar.status(name)
-                try:
-                    record = runner.execute(run, existing)
-                except Exception as err:  # noqa: BLE001 - one broken run must not stop a night's sweep
-                    log.error("run %s (%s) failed: %s", run.run_id, name, err)
-                    record = header(run, "failed", f"{type(err).__name__}: {err}")
-                    record.traceback = traceback.format_exc(limit=8)
-                    record = runner.finish(record)
-                counts[record.status] += 1
-                bar.update(1, note=f"{name}: {_outcome(record)}")
-                if on_record is not None:
-                    on_record(record)
+            pending = runs
+            while pending:
+                waiting, blocked = [], None
+                for run in pending:
+                    outcome, record = _attempt(run, store, runner, retry_failed, bar)
+                    if outcome in ("held", "busy"):
+                        waiting.append(run)
+                        blocked = record if outcome == "busy" else blocked
+                        continue
+                    counts[outcome] += 1
+                    bar.update(1, note=None if record is None else f"{run_name(run)}: {_outcome(record)}")
+                    if record is not None and on_record is not None:
+                        on_record(record)
+                if blocked is None:  # what is left, other processes hold: theirs to finish
+                    counts["elsewhere"] = len(waiting)
+                    if waiting:
+                        bar.update(len(waiting))
+                    break
+                bar.status(f"waiting: {blocked}")
+                time.sleep(WAIT_SECONDS)
+                pending = waiting
     finally:
         train_log.setLevel(level)
     store.log_sweep(config, argv, counts)
     return {"out": str(out), **counts}
+
+
+def _attempt(run: RunSpec, store: ResultStore, runner: Runner, retry_failed: bool, bar: Progress):
+    """(outcome, record or reason) of one try at `run`: "already" (finished), "held" (another process has it),
+    "busy" (what it needs is being made elsewhere; the Busy error) or the status of the record it made."""
+    if is_finished(store.get(run.run_id), run.finetune_epochs, retry_failed):
+        return "already", None
+    with claim(store.claim_path(run.run_id)) as mine:
+        if not mine:
+            return "held", None
+        existing = store.get(run.run_id)  # another process may have finished it since the check above
+        if is_finished(existing, run.finetune_epochs, retry_failed):
+            return "already", None
+        name = run_name(run)
+        bar.status(name)
+        try:
+            record = runner.execute(run, existing)
+        except Busy as err:
+            return "busy", err
+        except Exception as err:  # noqa: BLE001 - one broken run must not stop a night's sweep
+            log.error("run %s (%s) failed: %s", run.run_id, name, err)
+            record = header(run, "failed", f"{type(err).__name__}: {err}")
+            record.traceback = traceback.format_exc(limit=8)
+            record = runner.finish(record)
+        return record.status, record
 
 
 def run_name(run: RunSpec) -> str:

@@ -4,6 +4,8 @@
     OUT/base/<model-data-seed-h>/  a trained base model shared by every run that prunes it (model.pt, base.json),
                                    with the training checkpoint it resumes from (train-state.pt)
     OUT/work/<run id>-ft<b>.pt     the checkpoint of a fine-tuning in progress (removed when it is recorded)
+    OUT/work/claims/<run id>.lock  the lock a process holds while it runs the run (mipp.experiments.claims), and
+    OUT/base/<...>/training.lock   the one it holds while it trains that base model
     OUT/configs/<name>-<hash>.json the resolved config of each sweep, and OUT/sweeps.jsonl the commands
 
 Nothing is ever deleted or overwritten with less: a killed sweep loses at most the stage it was in, and rerunning
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 from mipp.checkpoint import load_model, save_model
+from mipp.experiments.claims import Busy, claim
 from mipp.experiments.config import RunSpec, SweepConfig
 from mipp.io import atomic_write_json, stable_hash
 from mipp.experiments.record import RECORD_FORMAT, RunRecord
@@ -74,6 +77,9 @@ class ResultStore:
     def work_path(self, run_id: str, epochs: int) -> Path:
         return self.root / "work" / f"{run_id}-ft{epochs}.pt"
 
+    def claim_path(self, run_id: str) -> Path:
+        return self.root / "work" / "claims" / f"{run_id}.lock"
+
     # ----------------------------------------------------------------------------------------- base models
 
     def base_dir(self, run: RunSpec) -> Path:
@@ -82,14 +88,25 @@ class ResultStore:
         return self.root / "base" / name.replace("/", "_")
 
     def base_model(self, run: RunSpec, build, train_set, test_set, train_config, *, progress: bool = True):
-        """The trained base model of `run` (model, metrics): loaded if finished, else trained (resuming)."""
-        from mipp.measure import count_params
-        from mipp.train import evaluate, fit
-
+        """The trained base model of `run` (model, metrics): loaded if finished, else trained (resuming) under the
+        base's lock; raises `Busy` while another process trains it."""
         folder = self.base_dir(run)
         if (folder / "model.pt").exists():
             model, record = load_model(folder / "model.pt")
             return model, record["metrics"]
+        with claim(folder / "training.lock") as mine:
+            if not mine:
+                raise Busy(f"base model {folder.name} is being trained by another process")
+            if (folder / "model.pt").exists():  # saved by another process since the check above
+                model, record = load_model(folder / "model.pt")
+                return model, record["metrics"]
+            return self._train_base(run, build, train_set, test_set, train_config, progress=progress)
+
+    def _train_base(self, run: RunSpec, build, train_set, test_set, train_config, *, progress: bool):
+        from mipp.measure import count_params
+        from mipp.train import evaluate, fit
+
+        folder = self.base_dir(run)
         model = build()
         started = time.perf_counter()
         result = fit(model, train_set, train_config, checkpoint_path=folder / "train-state.pt",
