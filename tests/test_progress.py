@@ -121,6 +121,15 @@ def test_eta_is_not_thrown_off_by_one_long_item(clock):
         assert demo.eta_seconds() == 70  # 7 jobs left at the median 10 s, not at the mean 40 s
 
 
+def test_work_found_already_done_does_not_shorten_the_eta(clock):
+    with Progress(100, "sweep", "run") as sweep:
+        sweep.update(60, timed=False)  # a resumed sweep's finished runs, found in no time
+        for _ in range(2):
+            clock.now += 30
+            sweep.update()
+        assert sweep.done == 62 and sweep.eta_seconds() == 38 * 30
+
+
 def test_a_finished_piece_of_work_gets_one_line_with_the_eta(clock, caplog):
     with Progress(4, "demo", "job") as demo:
         for job in ("a", "b"):

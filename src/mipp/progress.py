@@ -131,22 +131,29 @@ class Progress:
 
     # ------------------------------------------------------------------------------------------- progress
 
-    def update(self, n: int = 1, status: Optional[str] = None, note: Optional[str] = None) -> None:
+    def update(self, n: int = 1, status: Optional[str] = None, note: Optional[str] = None, *,
+               timed: bool = True) -> None:
         """``n`` more units done; ``note``: what the finished piece gave, as a line of its own when outermost
-        (prefixed with [done/total], ETA ...; it replaces that update's periodic line)."""
+        (prefixed with [done/total], ETA ...; it replaces that update's periodic line). ``timed=False``: work found
+        already done (a sweep's finished runs), which the ETA's time per unit leaves out."""
         self.done += n
         if status is not None:
             self.text = status
         if not self.enabled:
             return
         now = _clock()
-        if n > 0:
+        if n > 0 and timed:
             self.recent.append((now - self.last_update) / n)
-            self.last_update = now
+        self.last_update = now
         if self.bar is not None:
             if status is not None:
                 self.bar.set_postfix_str(status, refresh=False)
-            self.bar.update(n)
+            if timed:
+                self.bar.update(n)
+            else:  # counted, but outside tqdm's rate (its smoothed rate and its average over `initial`)
+                self.bar.n, self.bar.last_print_n, self.bar.initial = (self.bar.n + n, self.bar.last_print_n + n,
+                                                                       self.bar.initial + n)
+                self.bar.refresh()
         if note is not None:
             eta = self.eta_seconds()
             where = f"{self.done}/{self.total}" if self.total else f"{self.done}"

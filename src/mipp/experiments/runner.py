@@ -378,13 +378,14 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
                         blocked = record if outcome == "busy" else blocked
                         continue
                     counts[outcome] += 1
-                    bar.update(1, note=None if record is None else f"{run_name(run)}: {_outcome(record)}")
+                    bar.update(1, note=None if record is None else f"{run_name(run)}: {_outcome(record)}",
+                               timed=record is not None)
                     if record is not None and on_record is not None:
                         on_record(record)
                 if blocked is None:  # what is left, other processes hold: theirs to finish
                     counts["elsewhere"] = len(waiting)
                     if waiting:
-                        bar.update(len(waiting))
+                        bar.update(len(waiting), timed=False)
                     break
                 bar.status(f"waiting: {blocked}")
                 time.sleep(WAIT_SECONDS)
