@@ -130,5 +130,6 @@ def test_two_sweep_processes_on_one_store_run_every_run_once(tmp_path):
     assert all(p.returncode == 0 for p in processes), time.monotonic() - started
     assert sum(r["done"] for r in results) == N_RUNS  # none ran twice, none was left out
     assert all(r["failed"] == 0 for r in results)
+    assert all(r["already"] + r["done"] + r["skipped"] + r["elsewhere"] == N_RUNS for r in results)
     records = ResultStore(tmp_path / "store").records()
     assert len(records) == N_RUNS and all(r.status == "done" for r in records)

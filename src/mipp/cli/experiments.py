@@ -144,7 +144,7 @@ def render_sweep(result: dict) -> str:
     text = (f"{result['runs']} runs: {result['already']} already finished, {result['done']} done now, "
             f"{result['skipped']} skipped, {result['failed']} failed -> {result['out']}/runs")
     if result.get("elsewhere"):
-        text += f"\n{result['elsewhere']} runs were still running in other processes on the same --out"
+        text += f"\n{result['elsewhere']} runs are still running in other processes on the same --out"
     if result["failed"]:
         text += "\nfailed runs keep their traceback in their record; fix the cause and rerun with --retry-failed"
     return text

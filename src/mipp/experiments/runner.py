@@ -350,7 +350,8 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
     its traceback and the sweep goes on; rerun with retry_failed=True after a fix.  `on_record(record)` is called
     after each run is stored (an exception there stops the sweep: that is how tests interrupt it).
     Several processes may run the same sweep into one store at once: each claims a run before it starts it
-    (mipp.experiments.claims) and leaves to the others the runs they hold ("elsewhere" counts them); a run whose
+    (mipp.experiments.claims) and leaves to the others the runs they hold ("elsewhere" counts those of them still
+    unfinished when it ends, "already" those finished, by whichever process); a run whose
     base model another process is training, or whose matched run another process has not finished, waits for it,
     so every process stays busy until the runs nobody holds are done.  shard (i, n): only the i-th of n fixed
     shards (see shard_runs), for processes that do not share a file system.
@@ -382,8 +383,10 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
                                timed=record is not None)
                     if record is not None and on_record is not None:
                         on_record(record)
-                if blocked is None:  # what is left, other processes hold: theirs to finish
-                    counts["elsewhere"] = len(waiting)
+                if blocked is None:  # what is left, other processes held when this one passed: theirs to finish
+                    for run in waiting:
+                        finished = is_finished(store.get(run.run_id), run.finetune_epochs, retry_failed)
+                        counts["already" if finished else "elsewhere"] += 1
                     if waiting:
                         bar.update(len(waiting), timed=False)
                     break
