@@ -380,7 +380,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
                         continue
                     counts[outcome] += 1
                     bar.update(1, note=None if record is None else f"{run_name(run)}: {_outcome(record)}",
-                               timed=record is not None)
+                               timed=record is not None and record.status != "skipped")  # a skip is instant
                     if record is not None and on_record is not None:
                         on_record(record)
                 if blocked is None:  # what is left, other processes held when this one passed: theirs to finish
