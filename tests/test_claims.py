@@ -59,6 +59,21 @@ def test_a_sweep_leaves_a_run_that_another_process_holds_to_it(tmp_path):
     assert (counts["already"], counts["done"], counts["elsewhere"]) == (N_RUNS - 1, 1, 0)
 
 
+def test_a_run_whose_holder_ended_without_finishing_it_is_run(tmp_path):
+    runs = expand(SweepConfig(**TINY))
+    store = ResultStore(tmp_path)
+    with contextlib.ExitStack() as holder:
+        assert holder.enter_context(claim(store.claim_path(runs[0].run_id)))
+
+        def end_the_holder_at_the_last_run(record):
+            if record.run_id == runs[-1].run_id:
+                holder.close()
+
+        counts = run_sweep(SweepConfig(**TINY), tmp_path, progress=False, on_record=end_the_holder_at_the_last_run)
+    assert (counts["done"], counts["elsewhere"]) == (N_RUNS, 0)
+    assert store.get(runs[0].run_id).status == "done"
+
+
 def _released_on_first_wait(monkeypatch, stack: contextlib.ExitStack) -> list:
     """Replace the sweep's sleep between tries: the first one releases what `stack` holds; returns the waits."""
     waits = []

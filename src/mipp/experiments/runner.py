@@ -350,11 +350,11 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
     its traceback and the sweep goes on; rerun with retry_failed=True after a fix.  `on_record(record)` is called
     after each run is stored (an exception there stops the sweep: that is how tests interrupt it).
     Several processes may run the same sweep into one store at once: each claims a run before it starts it
-    (mipp.experiments.claims) and leaves to the others the runs they hold ("elsewhere" counts those of them still
-    unfinished when it ends, "already" those finished, by whichever process); a run whose
-    base model another process is training, or whose matched run another process has not finished, waits for it,
-    so every process stays busy until the runs nobody holds are done.  shard (i, n): only the i-th of n fixed
-    shards (see shard_runs), for processes that do not share a file system.
+    (mipp.experiments.claims) and leaves to the others the runs they hold ("elsewhere" counts those still held
+    when it ends; a run whose process ended unfinished it takes up). A run whose base model another process is
+    training, or whose matched run another process has not finished, waits for it, so every process stays busy
+    until the runs nobody holds are done.  shard (i, n): only the i-th of n fixed shards (see shard_runs), for
+    processes that do not share a file system.
     `progress`: a bar over the runs (terminal) or periodic lines naming the run (model, data, regime, method,
     target, seed) and its stage, plus one line per finished run (mipp.progress); the training inside is nested.
     """
@@ -383,13 +383,9 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
                                timed=record is not None and record.status != "skipped")  # a skip is instant
                     if record is not None and on_record is not None:
                         on_record(record)
-                if blocked is None:  # what is left, other processes held when this one passed: theirs to finish
-                    for run in waiting:
-                        finished = is_finished(store.get(run.run_id), run.finetune_epochs, retry_failed)
-                        counts["already" if finished else "elsewhere"] += 1
-                    if waiting:
-                        bar.update(len(waiting), timed=False)
-                    break
+                if blocked is None:  # only runs other processes held when this one passed them are left
+                    pending = _settle(waiting, store, retry_failed, counts, bar)
+                    continue
                 bar.status(f"waiting: {blocked}")
                 time.sleep(WAIT_SECONDS)
                 pending = waiting
@@ -397,6 +393,24 @@ def run_sweep(config: SweepConfig, out: str | Path, *, retry_failed: bool = Fals
         train_log.setLevel(level)
     store.log_sweep(config, argv, counts)
     return {"out": str(out), **counts}
+
+
+def _settle(held: list[RunSpec], store: ResultStore, retry_failed: bool, counts: dict, bar: Progress) -> list:
+    """Of the runs other processes held when this one passed them: count those finished since as "already" and
+    those still held as "elsewhere" (theirs to finish); return the rest, unfinished and free (their process ended),
+    for this one to run."""
+    free = []
+    for run in held:
+        if is_finished(store.get(run.run_id), run.finetune_epochs, retry_failed):
+            counts["already"] += 1
+        else:
+            with claim(store.claim_path(run.run_id)) as mine:
+                if mine:
+                    free.append(run)
+                    continue
+            counts["elsewhere"] += 1
+        bar.update(1, timed=False)
+    return free
 
 
 def _attempt(run: RunSpec, store: ResultStore, runner: Runner, retry_failed: bool, bar: Progress):
