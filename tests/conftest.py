@@ -58,3 +58,12 @@ def assert_same_training(a, b):
     strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
     assert strip(record_a["metrics"]["history"]) == strip(record_b["metrics"]["history"])
     return model_b, record_b
+
+
+# A sweep small enough for a test: a small MLP on synthetic data, MIPP and random at two targets, two seeds, both
+# regimes, fine-tuning 0 and 1 epoch (the harness's tests and the claims' tests run it).
+TINY_SWEEP = dict(name="tiny", models=[{"name": "mlp", "hidden": [24, 12]}],
+                  data=[{"name": "synthetic", "options": {"n": 240, "input_size": 8}}], methods=["mipp", "random"],
+                  targets=[0.3, 0.6], seeds=[0, 1], regimes=["init", "trained"], finetune_epochs=[0, 1],
+                  train={"epochs": 3, "batch_size": 32}, n_samples=200, train_eval_n=100, latency=False)
+TINY_SWEEP_RUNS = 16

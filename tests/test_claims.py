@@ -8,17 +8,14 @@ import subprocess
 import sys
 import time
 
+from conftest import TINY_SWEEP as TINY, TINY_SWEEP_RUNS as N_RUNS
+from test_experiments import MATCHED as MATCHED_SWEEP
 from mipp.experiments import runner as runner_module
 from mipp.experiments.claims import Busy, claim
 from mipp.experiments.config import SweepConfig, expand
 from mipp.experiments.runner import run_sweep
 from mipp.experiments.store import ResultStore
 
-TINY = dict(name="tiny", models=[{"name": "mlp", "hidden": [24, 12]}],
-            data=[{"name": "synthetic", "options": {"n": 240, "input_size": 8}}], methods=["mipp", "random"],
-            targets=[0.3, 0.6], seeds=[0, 1], regimes=["init", "trained"], finetune_epochs=[0, 1],
-            train={"epochs": 3, "batch_size": 32}, n_samples=200, train_eval_n=100, latency=False)
-N_RUNS = 16
 
 
 def test_a_claim_is_exclusive_and_released_with_the_block(tmp_path):
@@ -113,11 +110,8 @@ def test_a_base_model_being_trained_elsewhere_is_busy_not_trained_again(tmp_path
             raise AssertionError("no Busy")
 
 
-# the planted network has units its confidence mode removes (the tiny MLP keeps every unit)
-MATCHED = dict(name="matched", models=["planted"], data=["planted"], regimes=["trained"], finetune_epochs=[0],
-               seeds=[0], latency=False,
-               methods=[{"name": "mipp", "label": "mipp-x0.9", "options": {"confidence": 0.9}, "targets": [None]},
-                        {"name": "random", "targets": ["as:mipp-x0.9"]}])
+# test_experiments' matched sweep, one seed and one matched baseline
+MATCHED = {**MATCHED_SWEEP, "seeds": [0], "methods": MATCHED_SWEEP["methods"][:2]}
 
 
 def test_a_matched_run_waits_for_the_run_it_matches_in_another_process(tmp_path, monkeypatch):

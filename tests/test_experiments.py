@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_SWEEP as TINY, TINY_SWEEP_RUNS as N_RUNS
 
 from mipp.data import ArrayDataset, deformed
 from mipp.experiments import figures, report, statistics, tables
@@ -17,11 +18,6 @@ from mipp.experiments.record import WITHOUT_RECONSTRUCTION, RunRecord
 from mipp.experiments.runner import Runner, run_sweep
 from mipp.experiments.store import ResultStore, stable_view
 
-TINY = dict(name="tiny", models=[{"name": "mlp", "hidden": [24, 12]}],
-            data=[{"name": "synthetic", "options": {"n": 240, "input_size": 8}}], methods=["mipp", "random"],
-            targets=[0.3, 0.6], seeds=[0, 1], regimes=["init", "trained"], finetune_epochs=[0, 1],
-            train={"epochs": 3, "batch_size": 32}, n_samples=200, train_eval_n=100, latency=False)
-N_RUNS = 16
 
 
 

@@ -91,16 +91,14 @@ class ResultStore:
         """The trained base model of `run` (model, metrics): loaded if finished, else trained (resuming) under the
         base's lock; raises `Busy` while another process trains it."""
         folder = self.base_dir(run)
-        if (folder / "model.pt").exists():
-            model, record = load_model(folder / "model.pt")
-            return model, record["metrics"]
-        with claim(folder / "training.lock") as mine:
-            if not mine:
-                raise Busy(f"base model {folder.name} is being trained by another process")
-            if (folder / "model.pt").exists():  # saved by another process since the check above
-                model, record = load_model(folder / "model.pt")
-                return model, record["metrics"]
-            return self._train_base(run, build, train_set, test_set, train_config, progress=progress)
+        if not (folder / "model.pt").exists():
+            with claim(folder / "training.lock") as mine:
+                if not mine:
+                    raise Busy(f"base model {folder.name} is being trained by another process")
+                if not (folder / "model.pt").exists():  # else saved by another process since the check above
+                    return self._train_base(run, build, train_set, test_set, train_config, progress=progress)
+        model, record = load_model(folder / "model.pt")
+        return model, record["metrics"]
 
     def _train_base(self, run: RunSpec, build, train_set, test_set, train_config, *, progress: bool):
         from mipp.measure import count_params
