@@ -548,9 +548,12 @@ def test_matched_targets_remove_what_the_run_they_match_removed(tmp_path):
             assert record.matched == {"label": "mipp-x0.9", "run_id": chose.run_id}
             assert record.target == chose.removed["units"]
             assert abs(record.removed["units"] - chose.removed["units"]) <= 0.03
-    report.build_report([tmp_path], tmp_path / "report")
+    built = report.build_report([tmp_path], tmp_path / "report")
     text = (tmp_path / "report" / "results.md").read_text()
     assert "## Every baseline at the sparsity MIPP chose" in text and "`mipp-x0.9`" in text
+    # the intro counts the matched runs apart from the runs at fixed targets, and the total counts both
+    assert "from 2 finished runs at fixed targets and 4 more made at the sparsity another run reached" in text
+    assert built["runs"] == 6
     pairs = statistics.matched_differences(
         statistics.run_rows(ResultStore(tmp_path).records(), ["pruned"]), ["pruned"])
     assert {(p["reference"], p["baseline"], p["n"]) for p in pairs} == {("mipp-x0.9", "random", 2),

@@ -91,6 +91,7 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     every_row = statistics.run_rows(done, stages)
     matched = statistics.matched_differences(every_row, stages)
     # runs at another run's sparsity have a target of their own per seed: compared in their own section only
+    n_matched = sum(1 for r in done if r.matched)
     done = [r for r in done if not r.matched]
     rows = [r for r in every_row if not r["matched"]]
     summary = statistics.summarize(rows, stages)
@@ -108,7 +109,7 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     for name, table in csvs.items():
         if table:
             tables.write_csv(out / "tables" / f"{name}.csv", table)
-    md = [tables.intro_section(len(done), len(other), command), tables.commands_section(sweeps, done)]
+    md = [tables.intro_section(len(done), n_matched, len(other), command), tables.commands_section(sweeps, done)]
     found = findings.findings(pairs, planted, matched, summary)
     atomic_write_text(out / "findings.md", found)
     md.append("\n## Findings\n\nWhat the README carries (from the paired comparisons below).\n\n" + found)
@@ -138,7 +139,7 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     atomic_write_text(out / "results.md", "".join(md))
     _remove_stale(out / "tables", "*.csv", {f"{n}.csv" for n, table in csvs.items() if table})
     _remove_stale(out / "figures", "*.png", set(names))
-    return {"out": str(out), "report": str(out / "results.md"), "runs": len(done), "skipped_or_failed": len(other),
+    return {"out": str(out), "report": str(out / "results.md"), "runs": len(done) + n_matched, "skipped_or_failed": len(other),
             "tables": sorted(f"tables/{n}.csv" for n, t in csvs.items() if t),
             "figures": [f"figures/{f}" for f in names]}
 
