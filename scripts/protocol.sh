@@ -30,3 +30,4 @@ sweep lenet5-deformed protocol-lenet5-deformed
 sweep vgg11-macs protocol-vgg11
 sweep resnet18-macs protocol-resnet18
 sweep vgg11-params protocol-vgg11
+sweep resnet18-params protocol-resnet18
