@@ -303,6 +303,9 @@ def test_findings_count_the_verdicts_name_every_loss_and_replace_the_readme_bloc
               "verdict": "even"},
              {**pair, "baseline": "tp-l1", "target": 0.9, "stage": "ft1", "reference_accuracy": 0.7,
               "difference": 0.01, "verdict": "even"},
+             # one seed has no interval: counted apart, not as "not distinguishable"
+             {**pair, "baseline": "random", "target": 0.9, "stage": "ft1", "reference_accuracy": 0.7, "n": 1,
+              "difference": 0.01, "verdict": "n<2"},
              # a MIPP variant is an ablation, and another variant's pairs stay out of the headline
              {**pair, "baseline": "mipp-greedy", "target": 0.5, "kind": "ablation"},
              {**pair, "baseline": "random", "target": 0.5, "reference": "mipp-mean", "verdict": "behind"}]
@@ -310,9 +313,10 @@ def test_findings_count_the_verdicts_name_every_loss_and_replace_the_readme_bloc
     assert text.startswith(START) and text.rstrip().endswith(END)
     # model / data | regime | targets | seeds | stage | MIPP | baselines | ahead | not distinguishable | behind | lower
     assert "| m / d | trained | 50 / 90% MACs | 3 | right after pruning | 80.0 / 60.0 | 2 | 1 | 2 | 1 | 2 |" in text
-    assert "| m / d | trained | 90% MACs | 3 | after 1 epoch(s) | 70.0 | 1 | 0 | 1 | 0 | 0 |" in text
+    assert "| m / d | trained | 90% MACs | 3 | after 1 epoch(s) | 70.0 | 2 | 0 | 1 (+1 over one seed) | 0 | 0 |" in text
     assert "- right after pruning: MIPP ahead in 1 of 4, behind in 1, not distinguishable in 2." in text
-    assert "- after 1 epoch(s): MIPP ahead in 0 of 1, behind in 0, not distinguishable in 1." in text
+    assert ("- after 1 epoch(s): MIPP ahead in 0 of 2, behind in 0, not distinguishable in 1, over one seed only (no "
+            "interval yet) 1." in text)
     assert ("- m / d, trained, 90% of MACs, right after pruning: random -2.0 [-3.0, -1.0] (MIPP 60.0%, random 62.0%)"
             in text)
     assert "- m / d, trained, MACs, right after pruning: tp-l1 at 50% -1.0" in text

@@ -35,6 +35,14 @@ def _lead(p: dict) -> str:
     return f"{100 * p['difference']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
 
 
+def _undecided(verdicts: dict) -> str:
+    """The "not distinguishable" cell: comparisons whose interval holds 0, and apart from them those over one seed
+    (no interval yet, as in a store whose seeds are not all run): counting those as "not distinguishable" would
+    claim a test that was not made."""
+    single = verdicts["n<2"]
+    return f"{verdicts['even']} (+{single} over one seed)" if single else str(verdicts["even"])
+
+
 def _where(p: dict) -> str:
     return f"{p['model']} / {p['data']}, {p['regime']}, {100 * p['target']:g}% of {METRIC_WORDS[p['metric']]}"
 
@@ -61,7 +69,7 @@ def baseline_table(pairs) -> str:
         rows.append([f"{model} / {data}", regime, _targets({p["target"] for p in members}, metric),
                      max(p["n"] for p in members), stage_words(stage), level,
                      len({p["baseline"] for p in members}), verdicts["ahead"],
-                     verdicts["even"] + verdicts["n<2"], verdicts["behind"],
+                     _undecided(verdicts), verdicts["behind"],
                      sum(p["difference"] < 0 for p in members)])
     return markdown(["model / data", "regime", "targets", "seeds", "stage", "MIPP (%)", "baselines", "ahead",
                      "not distinguishable", "behind", "mean lower"], rows)
@@ -123,7 +131,7 @@ def matched_table(matched) -> str:
                      f"{100 * members[0]['removed']:.1f}% {METRIC_WORDS[metric]}", stage_words(stage),
                      f"{100 * max(members, key=lambda p: p['n'])['reference_accuracy']:.1f}", len(members),
                      verdicts["ahead"],
-                     verdicts["even"] + verdicts["n<2"], verdicts["behind"],
+                     _undecided(verdicts), verdicts["behind"],
                      sum(p["difference"] < 0 for p in members)])
     return markdown(["model / data", "regime", "MIPP's choice", "removed", "stage", "MIPP (%)", "baselines",
                      "ahead", "not distinguishable", "behind", "mean lower"], rows)
@@ -171,8 +179,9 @@ def in_short(pairs) -> list[str]:
     for stage in sorted(by_stage, key=stage_order):
         v = by_stage[stage]
         total = sum(v.values())
+        single = f", over one seed only (no interval yet) {v['n<2']}" if v["n<2"] else ""
         lines.append(f"- {stage_words(stage)}: MIPP ahead in {v['ahead']} of {total}, behind in {v['behind']}, "
-                     f"not distinguishable in {v['even'] + v['n<2']}.")
+                     f"not distinguishable in {v['even']}{single}.")
     return lines
 
 
