@@ -139,7 +139,8 @@ def build_report(dirs, out, *, layer_target: float = 0.7, command: str | None = 
     atomic_write_text(out / "results.md", "".join(md))
     _remove_stale(out / "tables", "*.csv", {f"{n}.csv" for n, table in csvs.items() if table})
     _remove_stale(out / "figures", "*.png", set(names))
-    return {"out": str(out), "report": str(out / "results.md"), "runs": len(done) + n_matched, "skipped_or_failed": len(other),
+    return {"out": str(out), "report": str(out / "results.md"), "runs": len(done) + n_matched,
+            "skipped_or_failed": len(other),
             "tables": sorted(f"tables/{n}.csv" for n, t in csvs.items() if t),
             "figures": [f"figures/{f}" for f in names]}
 
