@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -379,6 +380,11 @@ def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, 
                       initial=trainer.epoch * trainer.steps_per_epoch + trainer.step) as trainer.bar:
             while trainer.epoch < config.epochs:
                 trainer.train_epoch()
+        if trainer.world > 1:
+            # DistributedDataParallel sits in reference cycles; collected now, while the process group it holds is
+            # alive, not at the interpreter's exit (where gloo's teardown can abort the process)
+            trainer.network = model
+            gc.collect()
     return {"history": trainer.history, "steps": config.epochs * trainer.steps_per_epoch,
             "resumed_from": resumed_from, "seconds": sum(row["seconds"] for row in trainer.history)}
 
