@@ -382,7 +382,8 @@ def fit(model: nn.Module, train_set: Any, config: TrainConfig | None = None, *, 
                 trainer.train_epoch()
         if trainer.world > 1:
             # DistributedDataParallel sits in reference cycles; collected now, while the process group it holds is
-            # alive, not at the interpreter's exit (where gloo's teardown can abort the process)
+            # alive. Left to the interpreter's exit, gloo tore down during finalisation and now and then aborted a
+            # rank after all its work was done ("terminate called without an active exception", exit -6)
             trainer.network = model
             gc.collect()
     return {"history": trainer.history, "steps": config.epochs * trainer.steps_per_epoch,
